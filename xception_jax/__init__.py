@@ -1,0 +1,11 @@
+"""xception_jax: Xception, Inception V3 and the segment-count spectrum between them, in JAX/Flax.
+
+Where things live:
+  models/       Flax Linen modules and the registry `models.create(name, **kwargs)`.
+  data/         tfds input pipelines, the embedded datasets, synthetic batches (only place TF is used).
+  optim.py      the optax chain (SGD / RMSprop), learning-rate schedules, EMA.
+  train.py      `train_and_evaluate(config, workdir)`: sharded train and eval steps, the loop.
+  main.py       the command-line entry point (flags only).
+  export.py     inference export (jax.export, optional SavedModel); predict.py classifies images.
+  tools/        model_info, benchmark, input_bench, report.
+"""
