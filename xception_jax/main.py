@@ -1,0 +1,45 @@
+"""Command line for training: flags in, `train.train_and_evaluate(config, workdir)` out.
+
+  python -m xception_jax.main --config=configs/quickstart.py --workdir=/tmp/xj
+  python -m xception_jax.main --config=configs/imagenet.py:runlocal --workdir=/tmp/xj \
+      --config.batch_size=64
+
+`--config` takes a config file with an optional argument string after ':' and field overrides
+`--config.key=value` (unknown keys are refused: the config is locked). Several processes (GPU
+hosts, TPU workers, launch/local.sh) connect through --coordinator_address/--num_processes/
+--process_id, or through JAX's own SLURM and Cloud TPU detection when those are not given.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from xception_jax import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/quickstart.py or configs/imagenet.py:runlocal.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events.")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from xception_jax import train  # pylint: disable=g-import-not-at-top  (after initialize)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
