@@ -53,38 +53,41 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
     return None
   restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  logging.info("Resumed from %s at step %d.", checkpoint_dir_of(manager), step)
+  logging.info("Resumed from %s at step %d.", manager.directory, step)
   return restored["state"], step
 
 
-def checkpoint_dir_of(manager: ocp.CheckpointManager) -> str:
-  return str(manager.directory)
+def read_state(path: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Reads a saved train state as a tree of numpy arrays, on any number of devices.
+
+  `path` is a run's workdir, its checkpoints/ folder, or one step folder; `step` defaults to the
+  newest. No target structure is needed, so this works for a run of another model or device count.
+  """
+  path = os.path.abspath(path).rstrip("/")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  elif os.path.basename(path).isdigit() and step is None:
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"No checkpoints at {path!r}: expected a workdir with checkpoints/<step>/.")
+  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+  step = steps[-1] if (step is None and steps) else step
+  if step is None or step not in steps:
+    raise FileNotFoundError(f"No checkpoint step {step} in {path!r}; available steps: {steps}.")
+  item_dir = os.path.join(path, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(item_dir).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  return restored, int(step)
 
 
 def load_variables(path: str, step: int | None = None, *, use_ema: bool = False) -> dict[str, Any]:
-  """Reads {'params', 'batch_stats'} of a saved run as numpy arrays (no target structure needed).
+  """{'params', 'batch_stats', 'step'} of a saved run as numpy arrays.
 
-  `path` is a run's workdir, its checkpoints/ folder, or one step folder. `use_ema` picks the
-  Polyak-averaged weights (what evaluation and export use) instead of the raw ones.
+  `use_ema` picks the Polyak-averaged weights (what evaluation and export use).
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.basename(path.rstrip("/")).isdigit() and step is None:
-    step = int(os.path.basename(path.rstrip("/")))
-    path = os.path.dirname(path.rstrip("/"))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No checkpoints at {path!r}: expected a workdir with checkpoints/<step>/.")
-  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                             item_names=("state",)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(
-          f"No checkpoint step {step} in {path!r}; available steps: {list(manager.all_steps())}.")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
+  state, step = read_state(path, step)
   prefix = "ema_" if use_ema else ""
-  out = {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"]}
-  out = jax.tree.map(np.asarray, out)
-  out["step"] = int(step)
-  return out
+  return {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"],
+          "step": step}

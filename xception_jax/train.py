@@ -123,7 +123,9 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if n_data * n_model != jax.device_count():
     raise ValueError(f"config.mesh: data={config.mesh.data} x model={n_model} must use all "
                      f"{jax.device_count()} devices (data=-1 picks the rest).")
-  return jax.make_mesh((n_data, n_model), ("data", "model"))
+  # Auto axes: classic GSPMD propagation from the jit's in/out shardings.
+  return jax.make_mesh((n_data, n_model), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
@@ -404,7 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, state_shardings = create_train_state(model, tx, config.image_size, mesh, config.seed)
   manager = checkpointing.create_manager(workdir, keep=config.checkpoint_keep,
                                          best_metric=best_metric)
-  restored = checkpointing.restore_latest(manager, jax.eval_shape(lambda s: s, state))
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpointing.restore_latest(manager, abstract_state)
   if restored is not None:
     state, start_step = restored
   else:
