@@ -1,0 +1,105 @@
+"""The budget solver: widths that give a segment setting the same parameter count as Xception.
+
+Points on the spectrum are only comparable at equal capacity: a full 3x3 conv (1 segment) on 728
+channels has ten times the weights of a depthwise one, so `segments=1` at Xception's widths is a
+much bigger model. The solver scales all widths by one factor (keeping the network's proportions),
+rounds each to its allowed multiple (8, and the segment count or group width of every layer whose
+spatial conv sees that width), and bisects the factor until the parameter count is within the
+tolerance of the target. Rounding makes the count a step function of the factor; when the nearest
+steps straddle the tolerance band, single widths are nudged by one multiple, greedily, until the
+count fits. The result reports the widths and the achieved ratio.
+
+Generic over the network: it sees only base widths, their quanta and a parameter-count function
+(`costs.xception_param_counts` for Xception, which is analytic and cheap).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+
+DEFAULT_TOLERANCE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSolution:
+  """Widths found by `solve_widths` and how close they come to the target."""
+  widths: tuple[int, ...]
+  params: int
+  target: int
+  quanta: tuple[int, ...]
+
+  @property
+  def ratio(self) -> float:
+    """Achieved parameters / target parameters."""
+    return self.params / self.target
+
+
+def _scaled(base: Sequence[int], quanta: Sequence[int], scale: float) -> tuple[int, ...]:
+  return tuple(max(q, round(b * scale / q) * q) for b, q in zip(base, quanta))
+
+
+def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: int,
+                 count_params: Callable[[tuple[int, ...]], int],
+                 tolerance: float = DEFAULT_TOLERANCE,
+                 slot_names: Sequence[str] | None = None) -> BudgetSolution:
+  """Widths (each a multiple of its quantum) whose parameter count is within tolerance of target.
+
+  Args:
+    base_widths: the widths whose proportions to keep (e.g. Xception's).
+    quanta: the multiple each width must be.
+    target: the parameter count to reach.
+    count_params: parameter count of the network at given widths (monotone in each width).
+    tolerance: allowed relative deviation |params / target - 1|.
+    slot_names: names of the widths, for error messages.
+
+  Raises:
+    ValueError: when no widths on the allowed grid come within the tolerance (naming the best).
+  """
+  if len(base_widths) != len(quanta):
+    raise ValueError(f"base_widths {tuple(base_widths)} and quanta {tuple(quanta)} differ in length")
+  if target < 1:
+    raise ValueError(f"budget target must be a positive parameter count, got {target}")
+  names = list(slot_names) if slot_names else [str(i) for i in range(len(base_widths))]
+  cache: dict[tuple[int, ...], int] = {}
+
+  def params(widths: tuple[int, ...]) -> int:
+    if widths not in cache:
+      cache[widths] = count_params(widths)
+    return cache[widths]
+
+  def error(widths: tuple[int, ...]) -> float:
+    return abs(params(widths) / target - 1.0)
+
+  # Bracket the target by the scale factor, then bisect to the step where the count crosses it.
+  low, high = 1.0, 1.0
+  while params(_scaled(base_widths, quanta, high)) < target and high < 1e4:
+    high *= 2.0
+  while params(_scaled(base_widths, quanta, low)) > target and low > 1e-4:
+    low /= 2.0
+  for _ in range(60):
+    middle = 0.5 * (low + high)
+    if params(_scaled(base_widths, quanta, middle)) < target:
+      low = middle
+    else:
+      high = middle
+  best = min((_scaled(base_widths, quanta, low), _scaled(base_widths, quanta, high)), key=error)
+
+  # Greedy nudges of single widths by one quantum when rounding left the count outside the band.
+  while error(best) > tolerance:
+    neighbours = []
+    for i, q in enumerate(quanta):
+      for step in (-q, q):
+        if best[i] + step >= q:
+          neighbours.append(best[:i] + (best[i] + step,) + best[i + 1:])
+    candidate = min(neighbours, key=error, default=best)
+    if error(candidate) >= error(best):
+      break
+    best = candidate
+
+  if error(best) > tolerance:
+    raise ValueError(
+        f"The budget solver found no widths within {tolerance:.1%} of {target:,} parameters: "
+        f"the closest, {dict(zip(names, best))}, give {params(best):,} "
+        f"({params(best) / target:.4f} x). The widths must be multiples of "
+        f"{dict(zip(names, quanta))}; a smaller segment count or group width allows a finer grid.")
+  return BudgetSolution(widths=best, params=params(best), target=target, quanta=tuple(quanta))
