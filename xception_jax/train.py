@@ -497,6 +497,8 @@ def _write_run_info(workdir: str, config, info, model, state: TrainState, per_ep
       "dataset": info.name,
       "num_classes": info.num_classes,
       "multi_label": info.multi_label,
+      "class_names": list(info.class_names) if info.class_names else None,
+      "image_size": config.image_size,
       "num_train_examples": info.num_train_examples,
       "num_eval_examples": info.num_eval_examples,
       "steps_per_epoch": per_epoch,

@@ -1,0 +1,175 @@
+"""The training job: sharded step == single device, grad accumulation, exact resume, NaN guard."""
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import quickstart
+from xception_jax import checkpointing
+from xception_jax import data
+from xception_jax import optim
+from xception_jax import train
+
+
+def tiny_config(**overrides):
+  c = quickstart.get_config("runlocal")
+  c.unlock()
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.total_steps = 4
+  c.log_every_steps = 1
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _mesh(devices):
+  return Mesh(np.array(devices).reshape(-1, 1), ("data", "model"),
+              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _one_step(config, devices, batch):
+  model = train.create_model(config, num_classes=10)
+  tx, schedule = optim.create_optimizer(config, 100.0, 100)
+  mesh = _mesh(devices)
+  state, shardings = train.create_train_state(model, tx, config.image_size, mesh, config.seed)
+  step = jax.jit(train.make_train_step(config, model, tx, schedule,
+                                       train.make_loss_fn("softmax", 10, 0.0), False),
+                 in_shardings=(shardings, NamedSharding(mesh, P("data"))),
+                 out_shardings=(shardings, NamedSharding(mesh, P())))
+  state, metrics = step(state, train.to_global(batch, NamedSharding(mesh, P("data"))))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def _random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.image_size
+  return {"image": rng.uniform(-1, 1, (config.batch_size, size, size, 3)).astype(np.float32),
+          "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}
+
+
+def test_sharded_step_over_8_devices_matches_one_device():
+  assert jax.device_count() == 8
+  config = tiny_config()
+  batch = _random_batch(config)
+  state8, m8 = _one_step(config, jax.devices(), batch)
+  state1, m1 = _one_step(config, jax.devices()[:1], batch)
+  np.testing.assert_allclose(m8["train/loss"], m1["train/loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(state8.batch_stats), jax.tree.leaves(state1.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+  """accum=2 takes one optimizer step with the mean of the two micro-batches' gradients."""
+  config = tiny_config()
+  config.optimizer.momentum = 0.0
+  config.weight_decay = 0.0
+  config.lr.schedule = "constant"
+  config.lr.warmup_epochs = 0.0
+  batch = _random_batch(config)
+  config.grad_accum_steps = 2
+  state_accum, _ = _one_step(config, jax.devices(), batch)
+
+  # The same by hand: micro-batch i holds rows i, i+2, ... ; BN statistics per micro-batch.
+  model = train.create_model(config, num_classes=10)
+  tx, _ = optim.create_optimizer(config, 100.0, 100)
+  state, _ = train.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
+                                      config.seed)
+  loss_fn = train.make_loss_fn("softmax", 10, 0.0)
+  base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+
+  def micro_loss(params, batch_stats, index):
+    rows = slice(index, None, 2)
+    logits, mutated = model.apply({"params": params, "batch_stats": batch_stats},
+                                  batch["image"][rows], train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.fold_in(base_rng, index)})
+    return jnp.mean(loss_fn(logits, batch["label"][rows])), mutated["batch_stats"]
+
+  g0, stats0 = jax.grad(micro_loss, has_aux=True)(state.params, state.batch_stats, 0)
+  g1, stats1 = jax.grad(micro_loss, has_aux=True)(state.params, stats0, 1)
+  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
+  updates, _ = tx.update(mean_grads, state.opt_state, state.params)
+  expected = jax.tree.map(jnp.add, state.params, updates)
+  for a, b in zip(jax.tree.leaves(state_accum.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  for a, b in zip(jax.tree.leaves(state_accum.batch_stats), jax.tree.leaves(stats1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_invalid_batch_size_fails_before_compile_naming_the_key():
+  config = tiny_config(batch_size=12)  # not a multiple of the 8 devices
+  with pytest.raises(ValueError, match=r"config\.batch_size.*multiples of 8"):
+    train.validate_config(config, num_data_devices=8, process_count=1)
+  config = tiny_config(dtype="float16")
+  with pytest.raises(ValueError, match=r"config\.dtype"):
+    train.validate_config(config, num_data_devices=8, process_count=1)
+
+
+def _all_arrays(workdir):
+  state, step = checkpointing.read_state(workdir)
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def test_resume_after_sigterm_is_exact(tmp_path):
+  config = tiny_config(total_steps=10)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  assert full["step"] == 10 and not full["preempted"]
+
+  interrupted_dir = tmp_path / "interrupted"
+  metrics_file = interrupted_dir / "metrics.jsonl"
+
+  def send_sigterm_after_step_2():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if metrics_file.exists() and any(json.loads(l)["step"] >= 2
+                                       for l in metrics_file.read_text().splitlines()):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.01)
+
+  killer = threading.Thread(target=send_sigterm_after_step_2)
+  killer.start()
+  first = train.train_and_evaluate(config, str(interrupted_dir))
+  killer.join()
+  assert first["preempted"] and 2 <= first["step"] < 10, first
+  assert checkpointing.read_state(str(interrupted_dir))[1] == first["step"]
+
+  second = train.train_and_evaluate(config, str(interrupted_dir))
+  assert second["step"] == 10 and not second["preempted"]
+  step_a, arrays_a = _all_arrays(str(tmp_path / "full"))
+  step_b, arrays_b = _all_arrays(str(interrupted_dir))
+  assert step_a == step_b == 10
+  assert arrays_a.keys() == arrays_b.keys()
+  for key in arrays_a:
+    np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  config = tiny_config(total_steps=6, checkpoint_every_steps=2, log_every_steps=1)
+  real_iterator = data.create_train_iterator
+
+  def poisoned(config, info, start_step=0, **kwargs):
+    for step, batch in enumerate(real_iterator(config, info, start_step=start_step, **kwargs),
+                                 start=start_step):
+      if step == 3:  # the 4th step sees a NaN image
+        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(data, "create_train_iterator", poisoned)
+  with pytest.raises(train.NonFiniteLossError, match="NaN or Inf"):
+    train.train_and_evaluate(config, str(tmp_path))
+  step, arrays = _all_arrays(str(tmp_path))
+  assert step == 2
+  assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
