@@ -7,7 +7,7 @@ skipped, which keeps the pipeline as fast as a plain full decode), resize biline
 random horizontal flip, optional colour distortion, scale to [-1, 1]. Non-JPEG images (PNG, GIF,
 BMP) are decoded in full and cropped.
 
-Eval: central crop of `crop_fraction` of each side (0.875), fused with the JPEG decode as well,
+Eval: full decode (ISLOW IDCT, as PIL), central crop of `crop_fraction` of each side (0.875),
 resize bilinearly (half-pixel centres, no antialiasing, as TF-Slim) to S x S, scale to [-1, 1].
 `eval_preprocess.py` is a numpy/PIL twin of this path for TF-free inference.
 
@@ -36,8 +36,14 @@ def _as_rgb(image: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(image, [None, None, 3])
 
 
-def _decode_full(encoded: tf.Tensor) -> tf.Tensor:
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+def _decode_full(encoded: tf.Tensor, accurate_dct: bool = False) -> tf.Tensor:
+  if accurate_dct:  # libjpeg's ISLOW IDCT, the one PIL uses: eval matches eval_preprocess.py
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+  else:
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
   return tf.ensure_shape(image, [None, None, 3])
 
 
@@ -127,9 +133,12 @@ def eval_image(image: tf.Tensor, *, image_size: int, crop_fraction: float = 0.87
   """Encoded bytes (tf.string) or a uint8 [H, W(, C)] array -> float32 [S, S, 3] in [-1, 1]."""
   image = tf.convert_to_tensor(image)
   if image.dtype == tf.string:
-    shape = image_shape(image)
+    # Full decode, then crop: decoding only the window would change the chroma upsampling at
+    # its border (up to ~10/255 on a few pixels), breaking agreement with eval_preprocess.py.
+    pixels = _decode_full(image, accurate_dct=True)
+    shape = tf.shape(pixels)
     top, left, height, width = central_crop_window(shape[0], shape[1], crop_fraction)
-    pixels = decode_window(image, top, left, height, width)
+    pixels = pixels[top:top + height, left:left + width]
   else:
     if image.dtype != tf.uint8:
       raise ValueError(f"eval_image takes encoded bytes or a uint8 array, got dtype {image.dtype}.")
