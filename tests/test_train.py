@@ -96,13 +96,16 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
                                   rngs={"dropout": jax.random.fold_in(base_rng, index)})
     return jnp.mean(loss_fn(logits, batch["label"][rows])), mutated["batch_stats"]
 
-  g0, stats0 = jax.grad(micro_loss, has_aux=True)(state.params, state.batch_stats, 0)
-  g1, stats1 = jax.grad(micro_loss, has_aux=True)(state.params, stats0, 1)
+  micro_grad = jax.jit(jax.grad(micro_loss, has_aux=True), static_argnums=2)
+  g0, stats0 = micro_grad(state.params, state.batch_stats, 0)
+  g1, stats1 = micro_grad(state.params, stats0, 1)
   mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
   updates, _ = tx.update(mean_grads, state.opt_state, state.params)
   expected = jax.tree.map(jnp.add, state.params, updates)
+  # Tolerance: BN's one-pass variance over 8-example micro-batches is sensitive to op order;
+  # a wrong split or a sum instead of a mean gives differences of order 100%, not 1e-5.
   for a, b in zip(jax.tree.leaves(state_accum.params), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5)
   for a, b in zip(jax.tree.leaves(state_accum.batch_stats), jax.tree.leaves(stats1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

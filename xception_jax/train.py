@@ -215,7 +215,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = optim.ema_decay(state.step, config)
+    decay = optim.ema_decay(state.step + 1, config)  # num_updates including this one (TF-Slim)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         ema_params=optim.ema_update(state.ema_params, params, decay),
@@ -245,7 +245,7 @@ def make_eval_step(model, multi_label: bool) -> Callable:
       if multi_label:
         counts = metrics.multilabel_counts(logits, batch["label"], batch["mask"])
         map_states = {**map_states, prefix: metrics.map_update(
-            map_states[prefix], jax.nn.sigmoid(logits), batch["label"], batch["mask"])}
+            map_states[prefix], logits, batch["label"], batch["mask"])}
       else:
         counts = metrics.classification_counts(logits, batch["label"], batch["mask"])
       sums.update({prefix + k: v for k, v in counts.items()})
@@ -267,7 +267,7 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
 
 
 def evaluate(eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict,
-             info: data.DatasetInfo, sharding: NamedSharding, class_weights) -> dict[str, float]:
+             info: data.DatasetInfo, sharding: NamedSharding) -> dict[str, float]:
   """One exact pass over the eval split; returns 'eval/...' metrics for raw and EMA weights."""
   map_states = ({"": metrics.map_init(info.num_classes), "ema_": metrics.map_init(info.num_classes)}
                 if info.multi_label else {})
@@ -284,7 +284,7 @@ def evaluate(eval_step: Callable, state: TrainState, config: ml_collections.Conf
     results[f"eval/{prefix}loss"] = totals[prefix + "loss"] / count
     if info.multi_label:
       results[f"eval/{prefix}precision_at_1"] = totals[prefix + "precision_at_1"] / count
-      results[f"eval/{prefix}map100"] = float(metrics.map_result(map_states[prefix], class_weights))
+      results[f"eval/{prefix}map100"] = float(metrics.map_result(map_states[prefix], config.map_class_weighting))
     else:
       results[f"eval/{prefix}top1"] = totals[prefix + "top1"] / count
       results[f"eval/{prefix}top5"] = totals[prefix + "top5"] / count
@@ -390,12 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_steps = total_steps(config, info)
   tx, schedule = optim.create_optimizer(config, per_epoch, num_steps)
   best_metric = config.best_metric or ("eval/ema_map100" if info.multi_label else "eval/ema_top1")
-  class_weights = None
-  if info.multi_label and config.map_class_weighting == "frequency":
-    class_weights = info.class_frequencies
-  elif config.map_class_weighting not in ("none", "frequency"):
+  if config.map_class_weighting not in ("none", "frequency"):
     raise ValueError(f"config.map_class_weighting={config.map_class_weighting!r}: valid are "
-                     "'none' and 'frequency'.")
+                     "'none' and 'frequency' (classes weighted by their positives in the eval set).")
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -453,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       eval_metrics = None
       if step % config.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluate(eval_step, state, config, info, data_sharding, class_weights)
+        eval_metrics = evaluate(eval_step, state, config, info, data_sharding)
         writer.write(step, eval_metrics)
         last.update(eval_metrics)
         timer = time.time()  # eval time is not training throughput
