@@ -1,0 +1,66 @@
+"""Keras Applications reference models with random weights, for the parity tests.
+
+The published ImageNet weights cannot be downloaded in tests (offline), and freshly initialised
+Keras models would make a weak test: biases and batch-norm statistics start at 0 and 1, so a
+converter that dropped them, or swapped two of them, would still agree. Every weight here,
+batch-norm moving statistics included, is drawn at random (He-scaled kernels and batch-norm
+scales below 1, so that activations and logits stay O(1) through ~100 layers and 12 residual
+sums, and a 1e-4 tolerance means something), and the model is saved with tf_keras
+`save_weights(...h5)`, which writes the same legacy layout as the published files.
+
+Only tests import this module (it imports TensorFlow).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tf_keras  # pylint: disable=g-import-not-at-top
+
+APPLICATIONS = {
+    "xception": tf_keras.applications.Xception,
+    "inception_v3": tf_keras.applications.InceptionV3,
+}
+
+
+def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+  leaf = name.split("/")[-1].split(":")[0]
+  if leaf in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+    fan_in = int(np.prod(shape[:-1])) if leaf != "depthwise_kernel" else int(np.prod(shape[:2]))
+    return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+  if leaf == "gamma":  # below 1 so that Xception's residual sums stay O(1) over 12 blocks
+    return rng.uniform(0.3, 0.8, shape)
+  if leaf == "moving_variance":
+    return rng.uniform(0.5, 2.0, shape)
+  if leaf in ("beta", "moving_mean", "bias"):
+    return rng.normal(0.0, 0.2, shape)
+  raise ValueError(f"no random rule for Keras weight {name!r}")
+
+
+def randomized_model(name: str, *, include_top: bool, classes: int = 1000,
+                     input_shape: tuple[int, int, int] | None = None, seed: int = 0):
+  """A keras.applications model (no download) with every weight and BN statistic random."""
+  tf_keras.backend.clear_session()
+  kwargs = dict(weights=None, include_top=include_top, input_shape=input_shape)
+  if include_top:
+    kwargs.update(classes=classes, classifier_activation=None)
+  model = APPLICATIONS[name](**kwargs)
+  rng = np.random.default_rng(seed)
+  model.set_weights([_random_value(w.name, tuple(w.shape), rng).astype(np.float32)
+                     for w in model.weights])
+  return model
+
+
+def save_h5(model, directory: pathlib.Path, filename: str) -> pathlib.Path:
+  """Writes the legacy Keras 2 HDF5 weight layout (as keras.applications publishes it)."""
+  path = pathlib.Path(directory) / filename
+  model.save_weights(str(path))
+  return path
+
+
+def predict(model, images: np.ndarray) -> np.ndarray:
+  """The reference output in inference mode (moving statistics, no dropout), float32."""
+  return np.asarray(model(images, training=False), np.float32)

@@ -1,0 +1,436 @@
+"""Imports Keras Applications weight files (.h5) into our Xception and Inception V3 modules.
+
+This is how users start from the published ImageNet weights: `keras.applications` ships
+`xception_weights_tf_dim_ordering_tf_kernels[_notop].h5` and
+`inception_v3_weights_tf_dim_ordering_tf_kernels[_notop].h5` in the legacy Keras 2 HDF5 layout
+(root attribute `layer_names`; per layer group an attribute `weight_names`), the layout tf-keras's
+`model.save_weights("x.h5")` still writes.
+
+Layers are matched by their ORDER in the file, as Keras's own loader does, never by name: layer
+names are auto-generated for most of Inception V3 (`conv2d_17`, `batch_normalization_17`) and the
+published file numbers them from 1 while a model built today numbers from 0 (or from wherever the
+session's counter stands). Keras stores a functional model's layers sorted by depth (longest path
+to the output, deepest first), ties broken by the order a depth-first walk back from the output
+meets them; that is neither creation order nor ours. For Inception V3 we rebuild the Keras layer
+graph from the module's own description (`inception_v3.STEM` / `BLOCKS`) and sort it the same way;
+for Xception the order is short enough to write down (each block's shortcut conv comes after its
+main path, being closer to the output).
+
+Layouts: Keras depthwise kernels are (3, 3, C, 1); our depthwise (grouped, C segments) kernels are
+(3, 3, 1, C). Everything else has the same layout. Inception V3's batch norms have no scale.
+
+The classifier: with the same class count it is imported; with a different class count (or when
+the file has no top, or the model has extra `fc_layers`) the head is left for re-initialisation:
+those leaves are freshly initialised the Keras way (glorot-uniform kernels, zero biases), a warning
+names them, and `import_keras_h5` returns them in `KerasImport.reinitialized`. Any other shape
+difference is an error naming the Keras layer, our layer and both shapes.
+
+No TensorFlow here: the files are read with h5py.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+import logging
+import os
+import warnings
+from typing import Any
+
+import flax.linen as nn
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xception_jax.models import inception_v3 as inception_v3_lib
+from xception_jax.models import xception as xception_lib
+
+# Where one Keras weight goes in our variables: (collection, path inside it).
+LeafPath = tuple[str, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """One of our layers that takes one Keras layer's weights, listed in Keras's weight order.
+
+  `depthwise` marks a (3, 3, C, 1) Keras depthwise kernel going into a (3, 3, 1, C) grouped one.
+  """
+  layer: str
+  leaves: tuple[LeafPath, ...]
+  depthwise: tuple[bool, ...] = ()
+
+  def is_depthwise(self, i: int) -> bool:
+    return bool(self.depthwise) and self.depthwise[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class _KerasLayer:
+  """A layer with weights, as stored in the file."""
+  index: int  # position among the file's layers with weights
+  name: str
+  weight_names: tuple[str, ...]
+  arrays: tuple[np.ndarray, ...]
+
+  @property
+  def shapes(self) -> list[tuple[int, ...]]:
+    return [a.shape for a in self.arrays]
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasImport:
+  """The result of `import_keras_h5`.
+
+  Attributes:
+    variables: {'params', 'batch_stats'} for the model, complete (ready for `model.apply`).
+    loaded: (Keras layer name, our layer) pairs that were imported, in file order.
+    reinitialized: our leaves ("params/predictions/kernel", ...) that were initialised afresh
+      because the file has no matching weights for them (the head, on a class-count change).
+    ignored: Keras layers in the file that were not used (its classifier, for a headless model or
+      a different class count).
+  """
+  variables: dict[str, Any]
+  loaded: tuple[tuple[str, str], ...]
+  reinitialized: tuple[str, ...]
+  ignored: tuple[str, ...]
+
+
+# --- Reading the file ----------------------------------------------------------------------------
+
+
+def _decode(value: Any) -> str:
+  return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def read_keras_h5(path: str | os.PathLike) -> list[_KerasLayer]:
+  """The layers with weights of a legacy Keras 2 HDF5 weight file, in stored order."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Keras weight file {path!r} does not exist")
+  with h5py.File(path, "r") as f:
+    group = f
+    if "layer_names" not in f.attrs and "model_weights" in f:
+      group = f["model_weights"]  # a full-model file from model.save("x.h5")
+    if "layer_names" not in group.attrs:
+      raise ValueError(
+          f"{path}: not a legacy Keras 2 HDF5 weight file (no root attribute 'layer_names'). "
+          "Expected the keras.applications .h5 files or tf_keras model.save_weights('x.h5'); "
+          "Keras 3 '.weights.h5' files use a different layout.")
+    result = []
+    for name in (_decode(n) for n in group.attrs["layer_names"]):
+      layer_group = group[name]
+      weight_names = tuple(_decode(w) for w in layer_group.attrs.get("weight_names", ()))
+      if not weight_names:
+        continue
+      arrays = tuple(np.asarray(layer_group[w], dtype=np.float32) for w in weight_names)
+      result.append(_KerasLayer(len(result), name, weight_names, arrays))
+  return result
+
+
+def _is_dense(layer: _KerasLayer) -> bool:
+  return [a.ndim for a in layer.arrays] == [2, 1]
+
+
+# --- Keras's layer order -------------------------------------------------------------------------
+
+
+class _KerasGraph:
+  """A functional-model layer graph (one call per layer), enough to reproduce Keras's layer order.
+
+  Every Keras layer counts, weighted or not (Input, Activation, pooling, Concatenate), because the
+  order depends on path lengths.
+  """
+
+  def __init__(self):
+    self.inputs: list[tuple[int, ...]] = []
+    self.targets: list[_Target | None] = []
+
+  def add(self, inputs: Sequence[int], target: _Target | None = None) -> int:
+    self.inputs.append(tuple(inputs))
+    self.targets.append(target)
+    return len(self.inputs) - 1
+
+  def keras_order(self, output: int) -> list[_Target]:
+    """The weighted layers in `Functional.layers` order (tf_keras functional._map_graph_network)."""
+    # Depth-first walk back from the output: pre-order index per layer; post-order node list.
+    index: dict[int, int] = {}
+    post_order: list[int] = []
+    finished: set[int] = set()
+    stack: list[tuple[int, int]] = [(output, 0)]  # (node, next input to visit); iterative DFS
+    while stack:
+      node, next_input = stack.pop()
+      if next_input == 0:
+        if node in finished:
+          continue
+        index.setdefault(node, len(index))
+      if next_input < len(self.inputs[node]):
+        stack.append((node, next_input + 1))
+        child = self.inputs[node][next_input]
+        if child not in finished:
+          stack.append((child, 0))
+      else:
+        finished.add(node)
+        post_order.append(node)
+    # Depth: the longest path to the output (consumers are all visited before their producers).
+    depth: dict[int, int] = {}
+    for node in reversed(post_order):
+      d = depth.setdefault(node, 0)
+      for parent in self.inputs[node]:
+        depth[parent] = max(depth.get(parent, 0), d + 1)
+    ordered = sorted(post_order, key=lambda n: (-depth[n], index[n]))
+    return [self.targets[n] for n in ordered if self.targets[n] is not None]
+
+
+# --- Our side: the targets of each supported model ---------------------------------------------
+
+
+def _conv(path: tuple[str, ...]) -> _Target:
+  return _Target("/".join(path), (("params", path + ("kernel",)),))
+
+
+def _batch_norm(path: tuple[str, ...], scale: bool = True) -> _Target:
+  leaves = (("params", path + ("scale",)),) if scale else ()
+  leaves += (("params", path + ("bias",)), ("batch_stats", path + ("mean",)),
+             ("batch_stats", path + ("var",)))
+  return _Target("/".join(path), leaves)
+
+
+def _separable(name: str) -> _Target:
+  return _Target(name, (("params", (name, "spatial", "kernel")),
+                        ("params", (name, "pointwise", "kernel"))), depthwise=(True, False))
+
+
+def _dense(name: str) -> _Target:
+  return _Target(name, (("params", (name, "kernel")), ("params", (name, "bias"))))
+
+
+def _inception_v3_body() -> list[_Target]:
+  """Inception V3's conv and BN layers in the order Keras stores them."""
+  graph = _KerasGraph()
+
+  def conv_bn(x: int, path: tuple[str, ...]) -> int:
+    x = graph.add([x], _conv(path + ("conv",)))
+    x = graph.add([x], _batch_norm(path + ("bn",), scale=False))
+    return graph.add([x])  # Activation("relu")
+
+  def branch(x: int, ops: Sequence[Any], scope: str, index: int) -> int:
+    for position, op in enumerate(ops):
+      if isinstance(op, inception_v3_lib.Pool):
+        x = graph.add([x])
+      elif isinstance(op, inception_v3_lib.Fork):
+        left = conv_bn(x, (scope, inception_v3_lib.conv_name(index, position, "a")))
+        right = conv_bn(x, (scope, inception_v3_lib.conv_name(index, position, "b")))
+        x = graph.add([left, right])  # Concatenate
+      else:
+        x = conv_bn(x, (scope, inception_v3_lib.conv_name(index, position)))
+    return x
+
+  x = graph.add([])  # InputLayer
+  x = branch(x, inception_v3_lib.STEM, inception_v3_lib.STEM_NAME, 0)
+  for name, branches in inception_v3_lib.BLOCKS:
+    x = graph.add([branch(x, ops, name, b) for b, ops in enumerate(branches)])  # Concatenate
+  # The head (global pooling, Dense) is one chain after this output: it shifts every depth by the
+  # same amount, so the body's order is the same with and without it.
+  return graph.keras_order(x)
+
+
+def _xception_body(model: xception_lib.Xception) -> list[_Target]:
+  """Xception's layers in the order Keras stores them.
+
+  Within a block Keras lists the main path before the 1x1 shortcut conv and its BN: the shortcut
+  is the shorter path to the block's output, so it is shallower.
+  """
+  arch = model.architecture()
+  blocks = xception_lib.block_names(arch.num_middle_blocks)
+  targets = []
+  for conv in ("block1_conv1", "block1_conv2"):
+    targets += [_conv((conv,)), _batch_norm((f"{conv}_bn",))]
+
+  def separable_bn(name: str) -> None:
+    targets.extend([_separable(name), _batch_norm((f"{name}_bn",))])
+
+  def shortcut(block: str) -> None:
+    if arch.residual:
+      targets.extend([_conv((f"{block}_shortcut",)), _batch_norm((f"{block}_shortcut_bn",))])
+
+  for block in blocks["entry"]:
+    separable_bn(f"{block}_sepconv1")
+    separable_bn(f"{block}_sepconv2")
+    shortcut(block)
+  for block in blocks["middle"]:
+    for j in (1, 2, 3):
+      separable_bn(f"{block}_sepconv{j}")
+  block13, block14 = blocks["exit"]
+  separable_bn(f"{block13}_sepconv1")
+  separable_bn(f"{block13}_sepconv2")
+  shortcut(block13)
+  separable_bn(f"{block14}_sepconv1")
+  separable_bn(f"{block14}_sepconv2")
+  return targets
+
+
+def _model_layout(model: nn.Module) -> tuple[str, list[_Target], int, str]:
+  """(description, body targets in Keras order, minimum input size, classifier name)."""
+  if isinstance(model, inception_v3_lib.InceptionV3):
+    return ("Inception V3", _inception_v3_body(), inception_v3_lib.MIN_INPUT_SIZE,
+            inception_v3_lib.CLASSIFIER_NAME)
+  if isinstance(model, xception_lib.Xception):
+    return "Xception", _xception_body(model), xception_lib.MIN_IMAGE_SIZE, "predictions"
+  raise TypeError(f"from_keras_h5 supports xception_jax Xception and InceptionV3 modules; got "
+                  f"{type(model).__name__}")
+
+
+# --- The import ------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flatten(value, prefix + (key,)))
+    return flat
+  return {prefix: tree}
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _fresh_leaf(path: tuple[str, ...], shape: tuple[int, ...], rng: jax.Array) -> np.ndarray:
+  """Keras-style initial value: glorot-uniform kernels, zero biases and means, unit scales/vars."""
+  leaf = path[-1]
+  if leaf == "kernel":
+    return np.asarray(nn.initializers.glorot_uniform()(rng, shape, jnp.float32))
+  if leaf in ("scale", "var"):
+    return np.ones(shape, np.float32)
+  return np.zeros(shape, np.float32)
+
+
+def _describe(layer: _KerasLayer) -> str:
+  return f"Keras layer {layer.name!r} (layer {layer.index} with weights in the file)"
+
+
+def _leaf_name(leaf: LeafPath) -> str:
+  return "/".join((leaf[0],) + leaf[1])
+
+
+def import_keras_h5(path: str | os.PathLike, model: nn.Module,
+                    rng: jax.Array | None = None) -> KerasImport:
+  """Reads a Keras Applications .h5 weight file into `model`'s variables, matching by layer order.
+
+  Args:
+    path: a legacy Keras 2 HDF5 weight file (keras.applications download, or tf_keras
+      `save_weights('x.h5')`) of Xception or Inception V3, with or without top.
+    model: our `Xception` (at its reference architecture: depthwise, depthwise-first, residual)
+      or `InceptionV3` module; any class count, with or without head.
+    rng: key for the leaves the file cannot provide (the head on a class-count change);
+      default `jax.random.PRNGKey(0)`.
+
+  Raises:
+    ValueError: the file is not the expected layout, has a different number of layers than the
+      model, or a layer's weights have a shape other than the model's (naming both).
+  """
+  description, body, min_size, classifier = _model_layout(model)
+  abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, min_size, min_size, 3), jnp.float32))
+  expected = {(c,) + p: v.shape for c in abstract for p, v in _flatten(abstract[c]).items()}
+  file_layers = read_keras_h5(path)
+
+  file_head = file_layers[-1] if file_layers and _is_dense(file_layers[-1]) else None
+  file_body = file_layers[:-1] if file_head is not None else file_layers
+  if len(file_body) != len(body):
+    raise ValueError(
+        f"{os.fspath(path)} has {len(file_body)} layers with weights before its classifier, "
+        f"our {description} expects {len(body)}: is this a Keras {description} weight file, and "
+        f"the model at its reference architecture? (file starts with "
+        f"{[l.name for l in file_body[:3]]}, ends with {[l.name for l in file_body[-2:]]})")
+
+  values: dict[tuple[str, ...], np.ndarray] = {}
+  loaded: list[tuple[str, str]] = []
+
+  def load(layer: _KerasLayer, target: _Target) -> None:
+    if len(layer.arrays) != len(target.leaves):
+      raise ValueError(
+          f"{_describe(layer)} has {len(layer.arrays)} weights {list(layer.weight_names)}, but "
+          f"our layer {target.layer!r} takes {len(target.leaves)}: "
+          f"{[_leaf_name(l) for l in target.leaves]}")
+    for i, (array, (collection, leaf)) in enumerate(zip(layer.arrays, target.leaves)):
+      key = (collection,) + leaf
+      if key not in expected:
+        raise ValueError(f"{_describe(layer)}: our model has no {_leaf_name((collection, leaf))} "
+                         "(is it at its reference architecture?)")
+      value = np.transpose(array, (0, 1, 3, 2)) if target.is_depthwise(i) else array
+      if value.shape != tuple(expected[key]):
+        layout = f" (as {value.shape} in our layout)" if target.is_depthwise(i) else ""
+        raise ValueError(
+            f"Shape mismatch: {_describe(layer)} weight {layer.weight_names[i]!r} has shape "
+            f"{array.shape}{layout}; our {_leaf_name((collection, leaf))} has shape "
+            f"{tuple(expected[key])}")
+      values[key] = value
+    loaded.append((layer.name, target.layer))
+
+  for layer, target in zip(file_body, body):
+    load(layer, target)
+
+  # The head: imported only when it is the same layer (same classes, no extra fc layers).
+  ignored: list[str] = []
+  has_classifier = ("params", classifier, "kernel") in expected
+  has_fc = any(len(k) > 1 and k[0] == "params" and k[1].startswith("fc") for k in expected)
+  reason = None
+  if file_head is not None and has_classifier and not has_fc:
+    file_shape = file_head.arrays[0].shape
+    our_shape = tuple(expected[("params", classifier, "kernel")])
+    if file_shape == our_shape:
+      load(file_head, _dense(classifier))
+    elif file_shape[0] == our_shape[0]:
+      reason = (f"the file's classifier {file_head.name!r} has {file_shape[1]} classes, the model "
+                f"{our_shape[1]}")
+      ignored.append(file_head.name)
+    else:
+      raise ValueError(
+          f"Shape mismatch: {_describe(file_head)} kernel has shape {file_shape}; our "
+          f"params/{classifier}/kernel has shape {our_shape} (the input features differ, not "
+          "just the class count)")
+  elif file_head is not None:
+    reason = ("the model has fc_layers before its classifier" if has_classifier
+              else "the model is headless")
+    ignored.append(file_head.name)
+  elif has_classifier:
+    reason = "the file has no classifier (include_top=False)"
+
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  missing = [k for k in expected if k not in values]
+  not_head = [k for k in missing if k[1] != classifier and not k[1].startswith("fc")]
+  if not_head:  # the layer tables above cover every body layer; this would be a bug in them
+    raise RuntimeError(f"{description} import left body variables unset: "
+                       f"{['/'.join(k) for k in not_head[:5]]}")
+  for i, key in enumerate(sorted(missing)):
+    values[key] = _fresh_leaf(key, tuple(expected[key]), jax.random.fold_in(rng, i))
+  reinitialized = tuple("/".join(k) for k in sorted(missing))
+  if reinitialized:
+    message = (f"{os.fspath(path)}: head left for re-initialisation ({reason}); initialised "
+               f"afresh: {', '.join(reinitialized)}")
+    logging.warning(message)
+    warnings.warn(message, stacklevel=2)
+  elif ignored:
+    logging.info("%s: not imported (%s): %s", os.fspath(path), reason, ", ".join(ignored))
+
+  tree = _unflatten({k: jnp.asarray(v) for k, v in values.items()})
+  variables = {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
+  return KerasImport(variables, tuple(loaded), reinitialized, tuple(ignored))
+
+
+def from_keras_h5(path: str | os.PathLike, model: nn.Module,
+                  rng: jax.Array | None = None) -> dict[str, Any]:
+  """{'params', 'batch_stats'} for `model` from a Keras Applications .h5 file (see import_keras_h5).
+
+  A head that cannot be imported (different class count, no top in the file) is initialised
+  afresh and a warning names it; use `import_keras_h5` to get the list programmatically.
+  """
+  return import_keras_h5(path, model, rng).variables
