@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import math
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -84,17 +85,26 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
       high = middle
   best = min((_scaled(base_widths, quanta, low), _scaled(base_widths, quanta, high)), key=error)
 
-  # Greedy nudges of single widths by one quantum when rounding left the count outside the band.
+  # Rounding can leave both neighbouring steps outside the band (coarse quanta). Then nudge single
+  # widths by one quantum, each time choosing, among the nudges that bring the count closer, the
+  # one that keeps the widths closest (in log scale) to the unrounded proportional widths, so the
+  # network's proportions are disturbed as little as possible.
+  ideal = [b * 0.5 * (low + high) for b in base_widths]
+
+  def distortion(widths: tuple[int, ...]) -> float:
+    return sum(math.log(w / t) ** 2 for w, t in zip(widths, ideal))
+
   while error(best) > tolerance:
-    neighbours = []
+    closer = []
     for i, q in enumerate(quanta):
       for step in (-q, q):
         if best[i] + step >= q:
-          neighbours.append(best[:i] + (best[i] + step,) + best[i + 1:])
-    candidate = min(neighbours, key=error, default=best)
-    if error(candidate) >= error(best):
+          candidate = best[:i] + (best[i] + step,) + best[i + 1:]
+          if error(candidate) < error(best):
+            closer.append((distortion(candidate), error(candidate), candidate))
+    if not closer:
       break
-    best = candidate
+    best = min(closer)[2]
 
   if error(best) > tolerance:
     raise ValueError(

@@ -187,20 +187,24 @@ def _multiplied_widths(base: Sequence[int], width_multiplier: float) -> tuple[in
 
 def _layer_segments(widths: Sequence[int], rules: Mapping[str, SegmentRule], order: str,
                     num_middle_blocks: int) -> tuple[tuple[tuple[str, int], ...], list[str]]:
-  """Segment count per separable layer, plus one message per layer the rules do not fit."""
+  """Segment count per separable layer, plus one message per (rule, channel count) that fails."""
   by_slot = dict(zip(WIDTH_SLOTS, widths))
-  resolved, errors = [], []
+  resolved = []
+  failures: dict[tuple[SegmentRule, int], list[str]] = {}  # (rule, channels) -> layer names
   for layer in separable_layers(num_middle_blocks):
     channels = by_slot[layer.spatial_slot(order)]
     rule = rules[layer.flow]
     count = segments_for(rule, channels)
     if count is None:
-      valid = ", ".join(map(str, layers.divisors(channels)))
-      errors.append(f"{layer.name} ({layer.flow} flow): {_describe_rule(rule)} does not divide the "
-                    f"{channels} channels of its spatial conv; valid segment counts for "
-                    f"{channels} channels: {valid}")
+      failures.setdefault((rule, channels), []).append(layer.name)
       count = 0
     resolved.append((layer.name, count))
+  errors = []
+  for (rule, channels), names in failures.items():
+    others = f" (and {len(names) - 1} more layers of {channels})" if len(names) > 1 else ""
+    errors.append(f"{_describe_rule(rule)} does not divide the {channels} channels of the spatial "
+                  f"conv of layer {names[0]}{others}; valid segment counts for {channels} "
+                  f"channels: {', '.join(map(str, layers.divisors(channels)))}")
   return tuple(resolved), errors
 
 
@@ -253,9 +257,8 @@ def _resolve_cached(segments, group_width, order, width_multiplier, num_middle_b
     layer_segments, errors = _layer_segments(base, rules, order, num_middle_blocks)
     if errors:
       uniform = valid_uniform_segments(base, order, num_middle_blocks)
-      more = f" (and {len(errors) - 3} more layers)" if len(errors) > 3 else ""
       raise ValueError(
-          "Invalid segment setting: " + "; ".join(errors[:3]) + more +
+          "Invalid segment setting: " + "; ".join(errors) +
           f". Segment counts valid for every layer at these widths: {uniform} or 'depthwise'; "
           "a per-flow dict {'entry': .., 'middle': .., 'exit': ..} or budget='params' (widths "
           "chosen to fit) are the alternatives.")
