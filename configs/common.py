@@ -128,6 +128,7 @@ def apply_runlocal(c: ml_collections.ConfigDict, *, multi_label: bool = False) -
   c.eval_every_steps = 20
   c.checkpoint_every_steps = 10
   c.input.shuffle_buffer = 1000
+  c.lr.warmup_epochs = 0.0
   if c.model_name.startswith("inception_v3"):
     c.model_name = "inception_v3_tiny"
   else:

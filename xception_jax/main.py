@@ -9,9 +9,14 @@
 hosts, TPU workers, launch/local.sh) connect through --coordinator_address/--num_processes/
 --process_id, or through JAX's own SLURM and Cloud TPU detection when those are not given.
 """
+import logging as std_logging
+import os
 import sys
 
-from absl import app
+# TensorFlow (used by the input pipeline only) is quiet unless asked otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -29,9 +34,24 @@ flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _keep_console_readable() -> None:
+  """INFO lines from this package (progress, evals); only warnings from the libraries under it.
+
+  orbax and tfds log every file they write at INFO; --verbosity=1 shows everything again.
+  """
+  if FLAGS["verbosity"].present:
+    return
+
+  def only_ours_below_warning(record) -> bool:
+    return record.levelno >= std_logging.WARNING or f"{os.sep}xception_jax{os.sep}" in record.pathname
+
+  logging.get_absl_handler().addFilter(only_ours_below_warning)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _keep_console_readable()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from xception_jax import train  # pylint: disable=g-import-not-at-top  (after initialize)
   try:
