@@ -1,0 +1,99 @@
+"""Decoding and the Inception preprocessing on awkward images, and the TF-free eval twin."""
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from xception_jax.data import eval_preprocess
+from xception_jax.data import preprocess
+
+
+def _natural_image(height, width, seed=0):
+  """Smooth colour field plus noise: JPEG-like content (not flat, not white noise)."""
+  rng = np.random.default_rng(seed)
+  small = rng.uniform(0, 255, (height // 16 + 2, width // 16 + 2, 3)).astype(np.uint8)
+  image = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), np.float32)
+  return np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+
+
+def _encode(array, fmt, mode="RGB"):
+  buffer = io.BytesIO()
+  image = Image.fromarray(array).convert(mode)
+  image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+  return buffer.getvalue()
+
+
+CASES = [  # (height, width, format, PIL mode)
+    (60, 80, "JPEG", "RGB"),
+    (50, 40, "JPEG", "L"),      # grayscale JPEG
+    (48, 64, "JPEG", "CMYK"),   # CMYK JPEG
+    (40, 30, "PNG", "RGB"),
+    (33, 20, "PNG", "RGBA"),    # alpha dropped
+    (30, 30, "PNG", "P"),       # palette
+    (25, 35, "PNG", "L"),
+    (3, 2, "JPEG", "RGB"),      # smaller than any crop
+    (1, 1, "PNG", "RGB"),
+]
+
+
+@pytest.mark.parametrize("height,width,fmt,mode", CASES)
+def test_every_image_becomes_rgb_of_the_model_size(height, width, fmt, mode):
+  encoded = tf.constant(_encode(_natural_image(max(height, 16), max(width, 16))[:height, :width],
+                                fmt, mode))
+  train = preprocess.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=20,
+                                 color_distortion=True)
+  evaluated = preprocess.eval_image(encoded, image_size=20)
+  for image in (train, evaluated):
+    assert image.shape == (20, 20, 3) and image.dtype == tf.float32
+    assert -1.0 <= float(tf.reduce_min(image)) and float(tf.reduce_max(image)) <= 1.0
+
+
+def test_train_augmentation_is_a_function_of_the_seed():
+  encoded = tf.constant(_encode(_natural_image(60, 80), "JPEG"))
+  first = preprocess.train_image(encoded, tf.constant([3, 4], tf.int64), image_size=16)
+  again = preprocess.train_image(encoded, tf.constant([3, 4], tf.int64), image_size=16)
+  other = preprocess.train_image(encoded, tf.constant([3, 5], tf.int64), image_size=16)
+  np.testing.assert_array_equal(first.numpy(), again.numpy())
+  assert not np.array_equal(first.numpy(), other.numpy())
+
+
+def test_eval_accepts_uint8_arrays_like_encoded_images():
+  array = _natural_image(40, 50)
+  from_array = preprocess.eval_image(array, image_size=16).numpy()
+  from_png = preprocess.eval_image(tf.constant(_encode(array, "PNG")), image_size=16).numpy()
+  np.testing.assert_allclose(from_array, from_png, atol=1e-6)
+  grey = preprocess.eval_image(array[..., 0], image_size=16).numpy()
+  np.testing.assert_allclose(grey[..., 0], grey[..., 2])
+
+
+@pytest.mark.parametrize("height,width,fmt,mode", CASES + [(375, 500, "JPEG", "RGB")])
+@pytest.mark.parametrize("image_size", [299, 24])
+def test_numpy_eval_preprocessing_matches_tf(height, width, fmt, mode, image_size):
+  encoded = _encode(_natural_image(max(height, 16), max(width, 16), seed=height)[:height, :width],
+                    fmt, mode)
+  expected = preprocess.eval_image(tf.constant(encoded), image_size=image_size).numpy()
+  actual = eval_preprocess.eval_image(encoded, image_size)
+  assert actual.shape == expected.shape == (image_size, image_size, 3)
+  np.testing.assert_allclose(actual, expected, atol=1.0 / 255.0)
+
+
+def test_central_crop_window_matches_tf():
+  for height, width in [(375, 500), (1, 1), (7, 3), (299, 299), (100, 33)]:
+    expected = preprocess.central_crop_window(height, width, 0.875)
+    assert eval_preprocess.central_crop_window(height, width, 0.875) == tuple(
+        int(v) for v in expected)
+
+
+def test_multi_hot():
+  hot = preprocess.multi_hot(tf.constant([3, 0, 3], tf.int64), 5).numpy()
+  np.testing.assert_array_equal(hot, [1, 0, 0, 1, 0])
+  np.testing.assert_array_equal(preprocess.multi_hot(tf.zeros([0], tf.int64), 4).numpy(), [0] * 4)
+
+
+def test_numpy_eval_rejects_bad_arrays():
+  with pytest.raises(ValueError, match="uint8"):
+    eval_preprocess.eval_image(np.zeros((4, 4, 3), np.float32), 8)
+  with pytest.raises(ValueError, match=r"\[H, W\] or \[H, W, 1\|2\|3\|4\]"):
+    eval_preprocess.eval_image(np.zeros((4, 4, 5), np.uint8), 8)
