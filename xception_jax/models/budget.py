@@ -6,8 +6,8 @@ much bigger model. The solver scales all widths by one factor (keeping the netwo
 rounds each to its allowed multiple (8, and the segment count or group width of every layer whose
 spatial conv sees that width), and bisects the factor until the parameter count is within the
 tolerance of the target. Rounding makes the count a step function of the factor; when the nearest
-steps straddle the tolerance band, single widths are nudged by one multiple, greedily, until the
-count fits. The result reports the widths and the achieved ratio.
+steps straddle the tolerance band, single widths (or pairs, one up and one down) are nudged by one
+multiple, greedily, until the count fits. The result reports the widths and the achieved ratio.
 
 Generic over the network: it sees only base widths, their quanta and a parameter-count function
 (`costs.xception_param_counts` for Xception, which is analytic and cheap).
@@ -94,14 +94,18 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
   def distortion(widths: tuple[int, ...]) -> float:
     return sum(math.log(w / t) ** 2 for w, t in zip(widths, ideal))
 
+  def nudges(widths: tuple[int, ...]):
+    """Widths one quantum up or down in one slot, or up in one slot and down in another."""
+    n = len(widths)
+    moves = [{i: s} for i in range(n) for s in (-1, 1)]
+    moves += [{i: 1, j: -1} for i in range(n) for j in range(n) if i != j]
+    for move in moves:
+      candidate = tuple(w + move.get(i, 0) * q for i, (w, q) in enumerate(zip(widths, quanta)))
+      if all(w >= q for w, q in zip(candidate, quanta)):
+        yield candidate
+
   while error(best) > tolerance:
-    closer = []
-    for i, q in enumerate(quanta):
-      for step in (-q, q):
-        if best[i] + step >= q:
-          candidate = best[:i] + (best[i] + step,) + best[i + 1:]
-          if error(candidate) < error(best):
-            closer.append((distortion(candidate), error(candidate), candidate))
+    closer = [(distortion(c), error(c), c) for c in nudges(best) if error(c) < error(best)]
     if not closer:
       break
     best = min(closer)[2]
