@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from xception_jax import models
+from xception_jax.models import costs
 from xception_jax.tools import model_info
 
 
-def _counted(name, **kwargs):
+def _counted(name, size=71, **kwargs):
+  """(params, batch-stat entries) of the built module, from shapes only."""
   model = models.create(name, **kwargs)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 71, 71, 3), jnp.float32))
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
   count = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   return count(shapes["params"]), count(shapes["batch_stats"])
 
@@ -88,3 +90,16 @@ def test_parsers():
   assert model_info.parse_budget("22,855,952") == 22_855_952
   with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
     model_info.parse_image_size("big")
+
+
+def test_models_without_formulas_are_counted(capsys):
+  """Other models (Inception V3) get eval_shape counts and XLA's multiply-adds."""
+  assert model_info.main(["--model=inception_v3_tiny", "--image-size=80"]) == 0
+  out = capsys.readouterr().out
+  params, batch_stats = _counted("inception_v3_tiny", 80)
+  assert f"{params:,}" in out and f"{batch_stats:,}" in out and "XLA cost analysis" in out
+  counted = costs.counted_cost("xception_tiny", 80, num_classes=10)
+  analytic = costs.model_cost("xception_tiny", 80, num_classes=10, exclude_padding=True)
+  assert counted.params == analytic.params
+  assert 1.0 <= counted.macs_total / analytic.macs_total < 1.1
+

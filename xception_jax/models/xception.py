@@ -271,8 +271,9 @@ def _resolve_cached(segments, group_width, order, width_multiplier, num_middle_b
     reference_segments, _ = _layer_segments(base, segment_rules(), order, num_middle_blocks)
     target = costs.xception_param_counts(
         XceptionArchitecture(base, reference_segments, **common))[0]
-  elif isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
-    target = budget
+  elif isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0 and (
+      float(budget).is_integer()):  # configs may spell 20M as 2e7
+    target = int(budget)
   else:
     raise ValueError(f"budget must be None, 'params' (Xception's parameter count at these "
                      f"settings) or a positive int parameter count, got {budget!r}")

@@ -134,17 +134,23 @@ def format_cost(cost: costs.ModelCost, settings: dict[str, Any]) -> str:
       f"image size          {cost.image_size[0]}x{cost.image_size[1]}",
       f"parameters          {cost.params:,}",
       f"batch-stat entries  {cost.batch_stat_entries:,}",
-      f"widths              " + " ".join(f"{k}={v}" for k, v in arch.widths_by_slot.items()),
   ]
-  segment_counts = sorted({g for _, g in arch.layer_segments})
-  lines.append(f"segment counts      {', '.join(map(str, segment_counts))} "
-               f"(spatial convs of the {len(arch.layer_segments)} separable layers)")
-  if arch.budget_target is not None:
-    lines.append(f"budget              target {arch.budget_target:,} parameters, achieved "
-                 f"{cost.params / arch.budget_target:.4f} x")
-  lines.append("multiply-adds per image")
+  if arch is not None:
+    lines.append("widths              " +
+                 " ".join(f"{k}={v}" for k, v in arch.widths_by_slot.items()))
+    segment_counts = sorted({g for _, g in arch.layer_segments})
+    lines.append(f"segment counts      {', '.join(map(str, segment_counts))} "
+                 f"(spatial convs of the {len(arch.layer_segments)} separable layers)")
+    if arch.budget_target is not None:
+      lines.append(f"budget              target {arch.budget_target:,} parameters, achieved "
+                   f"{cost.params / arch.budget_target:.4f} x")
+    lines.append("multiply-adds per image")
+  else:
+    lines.append("multiply-adds per image (XLA cost analysis / 2: includes batch norm and "
+                 "pooling, skips padding taps)")
   for stage, macs in cost.macs_per_stage.items():
-    lines.append(f"  {stage:<8}{macs:>17,}  ({macs / 1e9:.3f} G)")
+    if stage != "total":
+      lines.append(f"  {stage:<8}{macs:>17,}  ({macs / 1e9:.3f} G)")
   lines.append(f"  {'total':<8}{cost.macs_total:>17,}  ({cost.macs_total / 1e9:.3f} G)")
   return "\n".join(lines)
 
@@ -218,8 +224,14 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError("--csv writes the --sweep-segments table; add --sweep-segments")
 
     if not args.sweep_segments:
-      cost = costs.model_cost(args.model, image_size, budget=budget,
-                              exclude_padding=args.exclude_padding, **settings)
+      if args.model.startswith("xception"):
+        cost = costs.model_cost(args.model, image_size, budget=budget,
+                                exclude_padding=args.exclude_padding, **settings)
+      elif budget is not None or args.exclude_padding:
+        raise ValueError(f"--budget and --exclude-padding apply to Xception models, not "
+                         f"{args.model!r}")
+      else:
+        cost = costs.counted_cost(args.model, image_size, **settings)
       shown = {**settings, **({"budget": budget} if budget is not None else {})}
       print(format_cost(cost, shown))
       return 0
