@@ -106,7 +106,8 @@ def test_pointwise_first_order_groups_the_output_channels():
 
 
 def test_separable_layer_rejects_a_segment_count_that_does_not_divide():
-  with pytest.raises(ValueError, match=r"sep: segments=3 does not divide the 16 channels.*1, 2, 4, 8, 16"):
+  with pytest.raises(ValueError,
+                     match=r"sep: segments=3 does not divide the 16 channels.*1, 2, 4, 8, 16"):
     layers.SeparableConv(24, segments=3, name="sep").init(jax.random.key(0), X)
 
 

@@ -165,6 +165,12 @@ def test_relus_and_shortcuts_sit_where_keras_puts_them(residual):
   close(features, jax.nn.relu(out("block8_sepconv2_bn")))
   # No activation inside a separable layer by default (Keras SeparableConv2D).
   close(into("block5_sepconv1/pointwise"), out("block5_sepconv1/spatial"))
+  # Batch norm with the Keras epsilon (1e-3), from the moving statistics in eval mode.
+  bn = variables["params"]["block5_sepconv1_bn"], variables["batch_stats"]["block5_sepconv1_bn"]
+  x = into("block5_sepconv1_bn")
+  close(out("block5_sepconv1_bn"),
+        (x - bn[1]["mean"]) / np.sqrt(bn[1]["var"] + 1e-3) * bn[0]["scale"] + bn[0]["bias"])
+  assert layers.BatchNorm().momentum == 0.99
 
 
 def test_fc_layers_and_dropout_sit_before_the_classifier():
@@ -200,7 +206,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   assert calls["block5_sepconv1_bn"][1].dtype == jnp.bfloat16
   reference = jax.jit(functools.partial(models.create("xception_tiny", num_classes=4).apply,
                                          train=False))(variables, _images())
-  np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.1 * float(jnp.abs(reference).max()))
+  np.testing.assert_allclose(logits, reference, rtol=0.1,
+                             atol=0.1 * float(jnp.abs(reference).max()))
 
 
 def test_width_multiplier_and_middle_blocks_shape_the_network():
@@ -220,7 +227,8 @@ def test_registry_names_and_errors():
           "inception_v3_tiny"} <= set(models.list_models())
   with pytest.raises(ValueError, match=r"Unknown model 'xceptoin'; known models: .*xception_tiny"):
     models.create("xceptoin")
-  with pytest.raises(ValueError, match=r"unknown keyword argument\(s\) \['segment'\]; valid: .*segments"):
+  with pytest.raises(ValueError,
+                     match=r"unknown keyword argument\(s\) \['segment'\]; valid: .*segments"):
     models.create("xception_tiny", segment=4)
   # Registry defaults are overridable; dicts from configs make hashable modules.
   model = models.create("xception_tiny", num_middle_blocks=2, segments={"middle": 4})

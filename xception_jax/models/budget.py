@@ -57,7 +57,8 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
     ValueError: when no widths on the allowed grid come within the tolerance (naming the best).
   """
   if len(base_widths) != len(quanta):
-    raise ValueError(f"base_widths {tuple(base_widths)} and quanta {tuple(quanta)} differ in length")
+    raise ValueError(f"base_widths {tuple(base_widths)} and quanta {tuple(quanta)} differ in "
+                     "length")
   if target < 1:
     raise ValueError(f"budget target must be a positive parameter count, got {target}")
   names = list(slot_names) if slot_names else [str(i) for i in range(len(base_widths))]

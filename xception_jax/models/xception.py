@@ -56,7 +56,8 @@ class SeparableLayer:
 
 
 def block_names(num_middle_blocks: int) -> dict[str, list[str]]:
-  """Block names per flow: entry block2-4, middle block5.., exit the next two (13, 14 by default)."""
+  """Block names per flow: entry block2-4, middle block5.., exit the next two (13 and 14 with 8
+  middle blocks)."""
   middle = [f"block{5 + i}" for i in range(num_middle_blocks)]
   exit_ = [f"block{5 + num_middle_blocks}", f"block{6 + num_middle_blocks}"]
   return {"entry": ["block2", "block3", "block4"], "middle": middle, "exit": exit_}
@@ -99,7 +100,7 @@ def _parse_rule(value: Any, kind: str, where: str) -> SegmentRule:
 
 
 def segment_rules(segments: Any = None, group_width: Any = None) -> dict[str, SegmentRule]:
-  """Normalises `segments` / `group_width` (int, "depthwise", or a per-flow dict) to a rule per flow.
+  """Normalises `segments` / `group_width` (int, "depthwise" or a per-flow dict) to flow rules.
 
   Neither given means Xception: depthwise everywhere. Flows missing from a dict stay depthwise.
   """

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="xception", help="registry name (xception, xception_small, ..)")
   p.add_argument("--segments", help="int, 'depthwise', or per flow: entry=4,middle=8,exit=16")
-  p.add_argument("--group-width", help="channels per segment (int or per flow); excludes --segments")
+  p.add_argument("--group-width",
+                 help="channels per segment (int or per flow); excludes --segments")
   p.add_argument("--order", choices=["depthwise_first", "pointwise_first"])
   p.add_argument("--width-multiplier", type=float)
   p.add_argument("--num-middle-blocks", type=int)
