@@ -325,8 +325,9 @@ def test_predict_applies_the_eval_preprocessing_to_arrays_and_files(tiny_export,
                              predictor.predict([arrays[0][:60, :60], arrays[1][:60, :60]]),
                              rtol=0, atol=1e-6)
   top = predictor.top_k(probabilities[:1], k=3)[0]
-  assert [label for label, _ in top] == [CLASS_NAMES[i] for i in
-                                         np.argsort(-probabilities[0])[:3]]
+  best = np.argsort(-probabilities[0])[:3]
+  assert top == [{"label": CLASS_NAMES[i], "score": float(probabilities[0, i]), "index": int(i)}
+                 for i in best]
 
 
 def test_bad_arrays_give_clear_errors(tiny_export):

@@ -616,6 +616,8 @@ class Predictor:
       except Image.UnidentifiedImageError:
         raise ImageError(source, "not an image file PIL can decode (JPEG, PNG, GIF, BMP, ...)") \
             from None
+      except Image.DecompressionBombError as e:
+        raise ImageError(source, f"too large to decode safely ({e})") from None
       except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise ImageError(source, f"the image data is truncated or corrupt ({e})") from None
     if isinstance(image, jax.Array):
@@ -708,14 +710,13 @@ class Predictor:
     batch = np.stack([self.preprocess(image, _describe(image, i)) for i, image in enumerate(images)])
     return self.predict_preprocessed(batch)
 
-  def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
-    """[n, num_classes] probabilities -> per row, the k best (label, score), best first."""
+  def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+    """[n, num_classes] probabilities -> per row, the k best {'label', 'score', 'index'}."""
     if k < 1:
       raise ValueError(f"k={k} must be >= 1.")
     probabilities = np.asarray(probabilities)
-    k = min(k, self.num_classes)
-    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-    return [[(self.class_names[j], float(row[j])) for j in idx]
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :min(k, self.num_classes)]
+    return [[{"label": self.class_names[j], "score": float(row[j]), "index": int(j)} for j in idx]
             for row, idx in zip(probabilities, order)]
 
 
