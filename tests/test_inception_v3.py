@@ -1,7 +1,8 @@
 """Inception V3: Keras's exact parameter counts, shapes, settings checks, and the module contract.
 
 Numerical parity with Keras lives in test_convert.py; this file needs no TensorFlow. Counts and
-shapes come from jax.eval_shape (no compile); one tiny model is compiled for the train/eval contract.
+shapes come from jax.eval_shape (no compile); one tiny model is compiled for the train/eval
+contract.
 Its variables are drawn with numpy on the shapes `init` gives, not by a compiled `init`: on CPU,
 compiling the ~100 threefry draws of an Inception V3 init costs ~20 s of CPU, longer than the rest
 of this file, and the values themselves are not what is tested.

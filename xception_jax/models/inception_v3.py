@@ -170,7 +170,7 @@ class ConvBN(nn.Module):
 
 
 def pool(x: jax.Array, kind: str) -> jax.Array:
-  """The 3x3 pooling of `Pool(kind)`: avg is stride 1 SAME over real pixels only; max is s2 VALID."""
+  """The 3x3 pooling of `Pool(kind)`: avg is stride 1 SAME over real pixels only, max s2 VALID."""
   if kind == "avg":
     # TF semantics: padded positions are not counted in the average.
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
