@@ -194,7 +194,7 @@ def workdir_export(workdir_8_devices, tmp_path_factory):
 
 
 _FRESH_PROCESS = r"""
-import importlib.abc, json, sys
+import importlib.abc, json, runpy, sys
 # The export must run without Flax, the model code, the trainer, orbax or TensorFlow.
 BLOCKED = ("flax", "optax", "orbax", "tensorflow", "ml_collections", "xception_jax.models",
            "xception_jax.train", "xception_jax.checkpointing")
@@ -204,31 +204,45 @@ class Blocker(importlib.abc.MetaPathFinder):
       raise ImportError(f"{name} is blocked in this test")
     return None
 sys.meta_path.insert(0, Blocker())
-import jax, numpy as np
-from xception_jax import export
-predictor = export.load(sys.argv[1])
-np.save(sys.argv[3], predictor.predict_preprocessed(np.load(sys.argv[2])))
-print(json.dumps({"devices": jax.device_count(), "loaded": sorted(
-    m for m in sys.modules if m.split(".")[0] in ("flax", "tensorflow", "orbax"))}))
+sys.argv = ["predict"] + sys.argv[1:]
+try:  # exactly what `python -m xception_jax.predict ARGS` does
+  runpy.run_module("xception_jax.predict", run_name="__main__", alter_sys=True)
+  code = 0
+except SystemExit as e:
+  code = e.code
+import jax
+sys.stderr.write("\nREPORT " + json.dumps({"devices": jax.device_count(), "loaded": sorted(
+    m for m in sys.modules if m.split(".")[0] in ("flax", "tensorflow", "orbax"))}) + "\n")
+sys.exit(code)
 """
 
 
-def test_export_from_8_devices_runs_in_a_fresh_single_device_process(workdir_8_devices,
-                                                                     workdir_export, tmp_path):
+def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir_8_devices,
+                                                                         workdir_export, tmp_path):
+  """`python -m xception_jax.predict` on one CPU device, with the model code made unimportable."""
   _, model, _, ema = workdir_8_devices
-  images = random_batch(3, 72)
-  np.save(tmp_path / "images.npy", images)
+  paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+  arrays = [_png(path, (70 + 20 * i, 90, 3), seed=i) for i, path in enumerate(paths)]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   result = subprocess.run(
-      [sys.executable, "-c", _FRESH_PROCESS, workdir_export, str(tmp_path / "images.npy"),
-       str(tmp_path / "probabilities.npy")],
+      [sys.executable, "-c", _FRESH_PROCESS, f"--model={workdir_export}", "--json",
+       f"--top-k={len(CLASS_NAMES)}", *paths, str(tmp_path / "missing.png")],
       env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert result.returncode == 1, result.stderr[-3000:]  # 1: one file failed, the others ran
+  report = json.loads(result.stderr.split("REPORT ")[-1])
   assert report == {"devices": 1, "loaded": []}
-  expected = jax.nn.softmax(model_eval(model, ema, images))  # EMA weights by default
-  np.testing.assert_allclose(np.load(tmp_path / "probabilities.npy"), expected, rtol=0, atol=1e-5)
+  results = json.loads(result.stdout)
+  assert results[-1]["error"] == "file not found" and results[-1]["predictions"] == []
+  preprocessed = np.stack([eval_preprocess.eval_image(a, 72, 0.875) for a in arrays])
+  expected = np.asarray(jax.nn.softmax(model_eval(model, ema, preprocessed)))  # EMA by default
+  for row, result_for_file in zip(expected, results[:3]):
+    assert result_for_file["error"] is None
+    scores = np.zeros(len(CLASS_NAMES), np.float32)
+    for prediction in result_for_file["predictions"]:
+      assert prediction["label"] == CLASS_NAMES[prediction["index"]]
+      scores[prediction["index"]] = prediction["score"]
+    np.testing.assert_allclose(scores, row, rtol=0, atol=1e-5)
 
 
 def test_metadata_describes_the_run(workdir_8_devices, workdir_export):
