@@ -72,12 +72,19 @@ coordinator="localhost:$port"
 echo "launch/local.sh: $num_processes processes, coordinator" \
      "$coordinator${DEVICES_PER_PROCESS:+, $DEVICES_PER_PROCESS CPU devices each}" >&2
 
+# Each process writes into a FIFO read by its own line prefixer (python -u: unbuffered; sed -u
+# passes lines on at once). FIFOs rather than >(...) process substitution, whose pipe would also
+# leak into the job's own child processes as an extra file descriptor.
+fifo_dir="$(mktemp -d)"
+trap 'rm -rf "$fifo_dir"' EXIT
 pids=()
+prefixers=()
 for ((i = 0; i < num_processes; i++)); do
-  # stdbuf-free line prefixing: python -u writes unbuffered, sed -u passes lines on at once.
+  mkfifo "$fifo_dir/$i"
+  sed -u "s/^/[process $i] /" < "$fifo_dir/$i" &
+  prefixers+=("$!")
   "$python" -u -m xception_jax.main "$@" --coordinator_address="$coordinator" \
-      --num_processes="$num_processes" --process_id="$i" \
-      > >(sed -u "s/^/[process $i] /") 2>&1 &
+      --num_processes="$num_processes" --process_id="$i" > "$fifo_dir/$i" 2>&1 &
   pids+=("$!")
 done
 
@@ -118,7 +125,7 @@ while ((${#remaining[@]} > 0)); do
     fi
   fi
 done
-wait  # the output prefixers
+wait "${prefixers[@]}"  # the last lines of output
 if ((status == 0 && signal_status != 0)); then
   status=$signal_status  # stopped on request: not a success, so that callers do not go on
 fi

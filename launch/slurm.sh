@@ -158,7 +158,7 @@ script+=$'\n'"set -euo pipefail
 cd $(quote "$(pwd)")  # where launch/slurm.sh ran: relative --config/--workdir paths mean the same
 export PYTHONPATH=$(quote "$repo_root")\${PYTHONPATH:+:\$PYTHONPATH}
 # Process 0 runs on the first node of the allocation: the coordinator.
-XJ_COORDINATOR=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1):$port_expr\"
+XJ_COORDINATOR=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | sed -n 1p):$port_expr\"
 export XJ_COORDINATOR
 echo \"coordinator \$XJ_COORDINATOR, \$SLURM_NTASKS processes\" >&2
 srun --kill-on-bad-exit=1 bash -c $(quote "$task_command") $(quote_all "$python" "${main_args[@]}")
