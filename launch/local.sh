@@ -72,12 +72,29 @@ coordinator="localhost:$port"
 echo "launch/local.sh: $num_processes processes, coordinator" \
      "$coordinator${DEVICES_PER_PROCESS:+, $DEVICES_PER_PROCESS CPU devices each}" >&2
 
+pids=()
+interrupted=0
+signal_status=0
+on_signal() {  # installed before the processes start, so that no signal finds it missing
+  signal_status=$1
+  interrupted=$((interrupted + 1))
+  if ((${#pids[@]} == 0)); then
+    exit "$signal_status"
+  elif ((interrupted == 1)); then
+    echo "launch/local.sh: stopping all processes (SIGTERM; again to kill)." >&2
+    kill -TERM "${pids[@]}" 2>/dev/null
+  else
+    kill -KILL "${pids[@]}" 2>/dev/null
+  fi
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+
 # Each process writes into a FIFO read by its own line prefixer (python -u: unbuffered; sed -u
 # passes lines on at once). FIFOs rather than >(...) process substitution, whose pipe would also
 # leak into the job's own child processes as an extra file descriptor.
 fifo_dir="$(mktemp -d)"
 trap 'rm -rf "$fifo_dir"' EXIT
-pids=()
 prefixers=()
 for ((i = 0; i < num_processes; i++)); do
   mkfifo "$fifo_dir/$i"
@@ -87,21 +104,6 @@ for ((i = 0; i < num_processes; i++)); do
       --num_processes="$num_processes" --process_id="$i" > "$fifo_dir/$i" 2>&1 &
   pids+=("$!")
 done
-
-interrupted=0
-signal_status=0
-on_signal() {
-  signal_status=$1
-  interrupted=$((interrupted + 1))
-  if ((interrupted == 1)); then
-    echo "launch/local.sh: stopping all processes (SIGTERM; again to kill)." >&2
-    kill -TERM "${pids[@]}" 2>/dev/null
-  else
-    kill -KILL "${pids[@]}" 2>/dev/null
-  fi
-}
-trap 'on_signal 130' INT
-trap 'on_signal 143' TERM
 
 status=0
 remaining=("${pids[@]}")
