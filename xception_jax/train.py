@@ -146,7 +146,12 @@ def create_train_state(model, tx: optax.GradientTransformation, image_size: int,
   rng = jax.random.PRNGKey(seed)
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  lowered = jax.jit(init, out_shardings=shardings).lower(rng)
+  # Init runs once; XLA's CPU backend spends ~4x longer optimising its many RNG draws than at
+  # level 0, which is most of a small model's start-up time on a laptop.
+  options = ({"xla_backend_optimization_level": 0}
+             if jax.devices()[0].platform == "cpu" else None)
+  state = lowered.compile(compiler_options=options)(rng)
   return state, shardings
 
 

@@ -1,0 +1,63 @@
+"""Every config in configs/ builds, and runs 2 steps in its `runlocal` form."""
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+from xception_jax import train
+
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+                      if os.path.basename(p) not in ("__init__.py", "common.py"))
+
+
+def load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_all_recipes_are_found():
+  names = {os.path.basename(p) for p in CONFIG_FILES}
+  assert {"imagenet.py", "inception_v3_imagenet.py", "jft_like.py", "spectrum.py",
+          "quickstart.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_has_the_common_fields_and_is_locked(path):
+  config = load_config(path)
+  for key in ("dataset", "batch_size", "total_steps", "seed", "log_every_steps",
+              "eval_every_steps", "checkpoint_every_steps"):
+    assert key in config, key
+  with pytest.raises(AttributeError):
+    config.no_such_key = 1
+
+
+def test_recipes_have_the_papers_settings():
+  imagenet = load_config(os.path.join(os.path.dirname(CONFIG_FILES[0]), "imagenet.py"))
+  assert (imagenet.optimizer.name, imagenet.lr.base, imagenet.lr.decay_rate,
+          imagenet.lr.decay_every_epochs, imagenet.weight_decay, imagenet.model.dropout_rate) == (
+              "sgd", 0.045, 0.94, 2.0, 1e-5, 0.5)
+  inception = load_config(os.path.join(os.path.dirname(CONFIG_FILES[0]), "inception_v3_imagenet.py"))
+  assert (inception.model_name, inception.weight_decay) == ("inception_v3", 4e-5)
+  jft = load_config(os.path.join(os.path.dirname(CONFIG_FILES[0]), "jft_like.py"), "fc")
+  assert (jft.optimizer.name, jft.lr.base, jft.lr.decay_rate, jft.lr.decay_every_samples,
+          jft.loss, tuple(jft.model.fc_layers), jft.dataset) == (
+              "rmsprop_tf", 0.001, 0.9, 3_000_000, "sigmoid", (4096, 4096), "open_images_v4")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_runlocal_runs_two_steps(path, tmp_path):
+  config = load_config(path, "runlocal")
+  config.total_steps = 2
+  config.log_every_steps = 1
+  config.eval_every_steps = 2
+  config.batch_size = 16
+  config.eval_batch_size = 200  # few eval batches: this test is about building and running
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 2
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/loss" in l for l in lines)
+  assert any(k.startswith("eval/") for l in lines for k in l)
