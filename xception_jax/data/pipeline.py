@@ -146,7 +146,8 @@ def train_dataset(config, info: data_lib.DatasetInfo, start_step: int, process_i
     return {"image": image, "label": _label(record["label"], info)}
 
   ds = ds.map(make_example, num_parallel_calls=_parallel(config), deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 

@@ -12,12 +12,15 @@ records (same shard, same shuffle, same num_parallel_calls, no crop/resize/augme
 reference the fused decode-and-crop training pipeline is held against.
 
 Reported (one JSON object with --json): images_per_sec, images_per_sec_per_core (divided by
-the CPU cores this process may run on), cores, batches, batch_size, image_size, dataset, baseline.
+the CPU cores this process may run on), images_per_cpu_sec (images per second of CPU time used
+by this process, all threads: the figure to compare on a machine shared with other jobs),
+cores, batches, batch_size, image_size, dataset, baseline, seconds, cpu_seconds.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from typing import Iterator, Sequence
 
@@ -80,16 +83,26 @@ def measure(config, batches: int, warmup_batches: int, baseline: str = "none") -
     process_batch = int(config.batch_size)
   for _ in range(warmup_batches):
     _block(next(iterator))
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), _cpu_seconds()
   for _ in range(batches):
     _block(next(iterator))
   seconds = time.perf_counter() - start
+  cpu_seconds = _cpu_seconds() - cpu_start
   cores = cpu_cores()
-  images_per_sec = batches * process_batch / seconds
+  images = batches * process_batch
+  images_per_sec = images / seconds
   return dict(images_per_sec=images_per_sec, images_per_sec_per_core=images_per_sec / cores,
+              images_per_cpu_sec=images / cpu_seconds if cpu_seconds > 0 else None,
               cores=cores, batches=batches, batch_size=process_batch,
               image_size=int(config.image_size), dataset=config.dataset, baseline=baseline,
-              seconds=seconds)
+              seconds=seconds, cpu_seconds=cpu_seconds)
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process, all threads (robust to a machine shared with
+  other jobs, where wall-clock rates vary with the load)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def _block(batch) -> None:
@@ -112,7 +125,8 @@ def main(argv: Sequence[str]) -> None:
     print(f"{result['dataset']} at {result['image_size']}px, batch {result['batch_size']}"
           f"{' (plain full decode baseline)' if result['baseline'] != 'none' else ''}: "
           f"{result['images_per_sec']:.1f} images/s, "
-          f"{result['images_per_sec_per_core']:.1f} images/s per core ({result['cores']} cores)")
+          f"{result['images_per_sec_per_core']:.1f} images/s per core ({result['cores']} cores), "
+          f"{result['images_per_cpu_sec'] or float('nan'):.1f} images per CPU-second")
 
 
 if __name__ == "__main__":
