@@ -427,6 +427,12 @@ def test_incomplete_damaged_or_incompatible_exports_are_refused(tiny_export, tmp
     json.dump(metadata, f)
   with pytest.raises(export.ExportFormatError, match="format version"):
     export.load(newer)
+  metadata["format_version"] = export.FORMAT_VERSION
+  del metadata["preprocessing"]["image_size"]
+  with open(metadata_path, "w") as f:
+    json.dump(metadata, f)
+  with pytest.raises(export.ExportFormatError, match="image_size"):
+    export.load(newer)
   with open(metadata_path, "w") as f:
     f.write("{ not json")
   with pytest.raises(export.ExportFormatError, match="not valid JSON"):
@@ -461,3 +467,31 @@ def test_saved_model_matches_model_and_serves_encoded_images(tmp_path):
   encoded = tf.constant([open(p, "rb").read() for p in paths])
   served = loaded.signatures["serving_default"](image_bytes=encoded)["probabilities"].numpy()
   np.testing.assert_allclose(served, export.load(out).predict(paths), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_of_a_real_training_run_reproduces_its_ema_eval(tmp_path):
+  """train_and_evaluate (2 steps, 8 devices) -> CLI export -> the run's own EMA eval metrics.
+
+  About 3-4 minutes on a busy 2-core machine, almost all of it the training run's compilation.
+  """
+  import test_train  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path under pytest)
+  config = test_train.tiny_config(total_steps=2)
+  config.model.segments = "4"
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+  metrics = train.train_and_evaluate(config, workdir)
+  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
+  predictor = export.load(out)
+  info = data.dataset_info(config)
+  assert predictor.class_names == list(info.class_names)
+  losses, correct, count = 0.0, 0.0, 0.0
+  for batch in data.create_eval_iterator(config, info, process_index=0, process_count=1):
+    probabilities = predictor.predict_preprocessed(batch["image"])
+    mask = batch["mask"].astype(np.float64)
+    picked = probabilities[np.arange(len(mask)), batch["label"]]
+    losses += float(np.sum(-np.log(np.maximum(picked, 1e-30)) * mask))
+    correct += float(np.sum((np.argmax(probabilities, -1) == batch["label"]) * mask))
+    count += float(mask.sum())
+  assert count == info.num_eval_examples
+  np.testing.assert_allclose(losses / count, metrics["eval/ema_loss"], rtol=1e-4)
+  assert abs(correct / count - metrics["eval/ema_top1"]) <= 2 / count  # near-ties may flip

@@ -559,11 +559,18 @@ class Predictor:
     self.metadata = metadata
     self.export_dir = export_dir
     self.max_batch_size = int(max_batch_size)
-    self.image_size = int(metadata["preprocessing"]["image_size"])
-    self.crop_fraction = float(metadata["preprocessing"]["crop_fraction"])
-    self.num_classes = int(metadata["model"]["num_classes"])
-    self.multi_label = bool(metadata["output"]["multi_label"])
+    try:
+      self.image_size = int(metadata["preprocessing"]["image_size"])
+      self.crop_fraction = float(metadata["preprocessing"]["crop_fraction"])
+      self.num_classes = int(metadata["model"]["num_classes"])
+      self.multi_label = bool(metadata["output"]["multi_label"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ExportFormatError(f"{export_dir or 'the export'}/{METADATA_FILE} lacks a valid "
+                              f"{e} entry: the file was edited or damaged; re-export.") from e
     names = metadata.get("class_names")
+    if names is not None and len(names) != self.num_classes:
+      raise ExportFormatError(f"{export_dir or 'the export'}/{METADATA_FILE} lists {len(names)} "
+                              f"class names for {self.num_classes} classes.")
     self.class_names: list[str] = (list(names) if names is not None
                                    else [str(i) for i in range(self.num_classes)])
     self._check_signature(exported, variables)
