@@ -284,7 +284,8 @@ def plot_run_curves(row: dict[str, Any], path: str) -> None:
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
-  fig.suptitle(f"{row['run']}  ({row['status']}, step {row['step']}/{row['total_steps']})",
+  fig.suptitle(f"{row['run']}: G={row['segments']}, budget={row['budget']}, seed={row['seed']} "
+               f"({row['status']}, step {row['step']}/{row['total_steps']})",
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -296,11 +297,19 @@ def _group_key(row: dict[str, Any]) -> tuple:
 
 
 def _group_labels(rows: Sequence[dict[str, Any]]) -> dict[tuple, str]:
-  """Names for the curve groups: the settings that differ between groups (budget always)."""
+  """Short names for the curve groups: the settings that differ between them (budget always)."""
   keys = sorted({_group_key(r) for r in rows}, key=str)
   varying = [i for i, name in enumerate(GROUP_SETTINGS)
              if name == "budget" or len({k[i] for k in keys}) > 1]
-  return {k: ", ".join(f"{GROUP_SETTINGS[i]}={k[i]}" for i in varying) for k in keys}
+
+  def name(key, i):
+    setting = GROUP_SETTINGS[i]
+    return str(key[i]) if setting == "model_name" else f"{_SHORT_NAMES.get(setting, setting)}={key[i]}"
+
+  return {k: ", ".join(name(k, i) for i in varying) for k in keys}
+
+
+_SHORT_NAMES = {"mid_activation": "mid", "image_size": "size", "batch_size": "batch"}
 
 
 def _setting_color(index: int):
@@ -317,11 +326,11 @@ def plot_all_curves(rows: Sequence[dict[str, Any]], path: str, metric: str) -> N
   labels = _group_labels(rows)
   settings = sorted({(labels[_group_key(r)], r["segments"]) for r in rows}, key=str)
   colors = {s: _setting_color(i) for i, s in enumerate(settings)}
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(14, 4.5))
   shown = set()
   for row in rows:
     setting = (labels[_group_key(row)], row["segments"])
-    label = f"segments={setting[1]}, {setting[0]}" if setting not in shown else None
+    label = f"G={setting[1]}, {setting[0]}" if setting not in shown else None
     shown.add(setting)
     steps, values = _series(row["_records"], "train/loss")
     ax_loss.plot(steps, values, "-", color=colors[setting], alpha=0.8, label=label)
@@ -333,9 +342,11 @@ def plot_all_curves(rows: Sequence[dict[str, Any]], path: str, metric: str) -> N
   for ax in (ax_loss, ax_acc):
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-  fig.legend(loc="lower center", ncol=min(4, max(1, len(settings))), fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(settings) - 1) // 4), 1, 1))
-  fig.savefig(path, dpi=100)
+  fig.tight_layout()
+  # Outside the axes, right of them; bbox_inches="tight" widens the image to hold it.
+  fig.legend(loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+             title="setting (seeds share a colour)", title_fontsize=8)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -346,11 +357,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def spectrum_points(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Per curve label: points {segments, G, x=log2 G, mean, std, n, params, macs, images_per_sec}
   sorted by G, averaging the final headline metric over seeds."""
+  rows = [row for row in rows if row.get("middle_segments")]
   labels = _group_labels(rows)
   groups = collections.defaultdict(list)
   for row in rows:
-    if row.get("middle_segments"):
-      groups[(labels[_group_key(row)], row["segments"], row["middle_segments"])].append(row)
+    groups[(labels[_group_key(row)], row["segments"], row["middle_segments"])].append(row)
   curves = collections.defaultdict(list)
   for (label, segments, g), members in groups.items():
     mean, std = _mean_std([m["final"] for m in members])
@@ -390,8 +401,8 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], path: str, metric: str) -> Non
   secondary = ax.secondary_xaxis("top")
   secondary.set_xticks(sorted(ticks), [f"{x:.1f}" for x in sorted(ticks)])
   secondary.set_xlabel("log2(G)")
-  ax.set(xlabel="segments G of the middle flow's spatial convolutions "
-                "(1 = regular conv, depthwise = one per channel)",
+  ax.set(xlabel="segments G of the middle flow's 3x3 convs (1 = regular conv; depthwise: "
+                "G = channels)",
          ylabel=f"final {metric}\n({_metric_label(metric)}, mean ± std over seeds)")
   ax.set_title("The spectrum: regular convolution → depthwise separable", pad=30)
   ax.grid(alpha=0.3)
@@ -404,10 +415,11 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], path: str, metric: str) -> Non
 def plot_tradeoffs(rows: Sequence[dict[str, Any]], path: str, metric: str) -> None:
   """Headline metric against parameters, MACs and measured images/s (mean over seeds)."""
   curves = spectrum_points(rows)
-  panels = (("params", "parameters", True), ("macs", "multiply-adds per image (analytic)", True),
-            ("images_per_sec", "measured training images/s", False))
+  panels = (("params", "parameters", "parameters", True),
+            ("macs", "multiply-adds per image (analytic)", "multiply-adds", True),
+            ("images_per_sec", "measured training images/s (all devices)", "speed", False))
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
-  for ax, (key, xlabel, log_x) in zip(axes, panels):
+  for ax, (key, xlabel, short, log_x) in zip(axes, panels):
     for i, (label, points) in enumerate(curves.items()):
       points = [p for p in points if p.get(key)]
       if not points:
@@ -422,16 +434,17 @@ def plot_tradeoffs(rows: Sequence[dict[str, Any]], path: str, metric: str) -> No
     values = [p[key] for points in curves.values() for p in points if p.get(key)]
     if log_x and values and max(values) > 4 * min(values):
       ax.set_xscale("log")  # a spectrum at fixed width spans orders of magnitude
+      ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     if key != "images_per_sec":
       ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))  # 158k, 6.4M, 8.4G
       ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set(xlabel=xlabel, title=f"{_metric_label(metric)} vs {xlabel.split(' (')[0]}")
+    ax.set(xlabel=xlabel, title=f"{_metric_label(metric)} vs {short}")
     ax.grid(alpha=0.3, which="both")
   axes[0].set_ylabel(f"final {metric}\n(mean ± std over seeds)")
   handles, labels = axes[0].get_legend_handles_labels()
   if handles:
-    axes[0].legend(handles, labels, fontsize=8)
-  fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+  fig.tight_layout(rect=(0, 0.05 * math.ceil(len(labels) / 3), 1, 1))
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
