@@ -30,7 +30,7 @@ import json
 import math
 import os
 import statistics
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
@@ -117,17 +117,32 @@ def lower_is_better(metric: str) -> bool:
   return "loss" in metric
 
 
+def metric_series(records: Sequence[dict[str, float]]) -> dict[str, list[tuple[int, float]]]:
+  """name -> [(step, value)] in step order, as of the run's latest attempt.
+
+  A resumed run restarts from its last checkpoint, so the records an earlier attempt wrote after
+  that checkpoint are superseded: a record at step s drops every earlier one at steps >= s.
+  """
+  series = collections.defaultdict(list)
+  for record in records:
+    step = int(record["step"])
+    for name, value in record.items():
+      if name == "step" or not isinstance(value, (int, float)):
+        continue
+      points = series[name]
+      while points and points[-1][0] >= step:
+        points.pop()
+      points.append((step, float(value)))
+  return dict(series)
+
+
 def summarize_metrics(records: Sequence[dict[str, float]]) -> dict[str, Any]:
   """Final and best value of every eval metric, final train loss, and training images/s.
 
   images/s is the median over log intervals, leaving out the first one when there are more
   (it includes compilation).
   """
-  series = collections.defaultdict(list)  # name -> [(step, value)]
-  for record in records:
-    for name, value in record.items():
-      if name != "step" and isinstance(value, (int, float)):
-        series[name].append((int(record["step"]), float(value)))
+  series = metric_series(records)
   out: dict[str, Any] = {}
   for name, points in sorted(series.items()):
     if not name.startswith("eval/") or name == "eval/examples":
@@ -247,8 +262,8 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _series(records: Iterable[dict[str, float]], name: str) -> tuple[list[int], list[float]]:
-  points = [(int(r["step"]), float(r[name])) for r in records if name in r]
+def _series(records: Sequence[dict[str, float]], name: str) -> tuple[list[int], list[float]]:
+  points = metric_series(records).get(name, [])
   return [s for s, _ in points], [v for _, v in points]
 
 
