@@ -42,4 +42,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = recipe("xception", weight_decay=1e-5)
   if options.runlocal:
     common.apply_runlocal(c)
-  return c
+  return c.lock()

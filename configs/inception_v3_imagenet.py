@@ -13,4 +13,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = imagenet.recipe("inception_v3", weight_decay=4e-5)
   if options.runlocal:
     common.apply_runlocal(c)
-  return c
+  return c.lock()

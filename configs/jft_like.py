@@ -44,4 +44,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if options.runlocal:
     common.apply_runlocal(c, multi_label=True)
     c.lr.base = 0.01
-  return c
+  return c.lock()

@@ -32,4 +32,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 300
   if options.runlocal:
     common.apply_runlocal(c)
-  return c
+  return c.lock()

@@ -10,6 +10,7 @@ Xception's parameter count, within 1%), runlocal.
   python -m xception_jax.main --config=configs/spectrum.py:segments=8,runlocal --workdir=DIR
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 from configs import imagenet
@@ -25,8 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       order=options.order,
       mid_activation=options.mid_activation,
       residual=bool(options.residual),
-      budget="" if options.budget == "none" else options.budget,
+      budget=config_dict.placeholder(str) if options.budget == "none" else options.budget,
   ))
   if options.runlocal:
     common.apply_runlocal(c)
-  return c
+  return c.lock()

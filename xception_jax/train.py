@@ -54,7 +54,7 @@ class TrainState:
   opt_state: PyTree
   ema_params: PyTree
   ema_batch_stats: PyTree
-  nonfinite_steps: jax.Array  # steps whose loss was NaN/Inf; read at log/checkpoint time only
+  nonfinite_steps: jax.Array  # steps with a NaN/Inf loss or gradient; read at log/checkpoint time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +110,9 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The Flax module named by `config.model_name`, with `config.model` as keyword arguments."""
   kwargs = dict(config.model.to_dict())
+  for key in ("segments", "group_width"):  # command-line overrides arrive as strings: "4" -> 4
+    if isinstance(kwargs.get(key), str) and kwargs[key].isdigit():
+      kwargs[key] = int(kwargs[key])
   try:
     return models.create(config.model_name, num_classes=num_classes, dtype=config.dtype, **kwargs)
   except (ValueError, TypeError) as e:
@@ -218,6 +221,9 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, top1 = loss / accum, top1 / accum
 
+    grad_norm = optax.global_norm(grads)
+    # The loss alone can stay finite while gradients are NaN (XLA's max ignores NaN operands).
+    nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = optim.ema_decay(state.step + 1, config)  # num_updates including this one (TF-Slim)
@@ -225,9 +231,9 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         ema_params=optim.ema_update(state.ema_params, params, decay),
         ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, decay),
-        nonfinite_steps=state.nonfinite_steps + (~jnp.isfinite(loss)).astype(jnp.int32))
+        nonfinite_steps=state.nonfinite_steps + nonfinite.astype(jnp.int32))
     step_metrics = {"train/loss": loss, "train/lr": schedule(state.step),
-                    "train/grad_norm": optax.global_norm(grads),
+                    "train/grad_norm": grad_norm,
                     ("train/precision_at_1" if multi_label else "train/top1"): top1}
     return new_state, step_metrics
 
@@ -480,7 +486,7 @@ def _check_finite(state: TrainState, step: int) -> None:
   bad = int(jax.device_get(state.nonfinite_steps))
   if bad:
     raise NonFiniteLossError(
-        f"The training loss was NaN or Inf in {bad} step(s) up to step {step}. The run stopped "
+        f"The training loss or gradient was NaN or Inf in {bad} step(s) up to step {step}. The run stopped "
         "without saving; the last good checkpoint in the workdir is intact. Lower lr.base, enable "
         "optimizer.grad_clip_norm, or use dtype=float32.")
 
