@@ -19,7 +19,8 @@
 #
 # Output lines are prefixed with "[process i]". Ctrl-C or SIGTERM is passed on to every process
 # as SIGTERM (the main job saves a checkpoint and stops; rerun the same command to resume); a
-# second Ctrl-C kills them. If one process fails, the others are killed (they would otherwise
+# second Ctrl-C kills them. (The processes themselves ignore the terminal's SIGINT, as every
+# background job of a script does, so that they all stop the same way at the same step.) If one process fails, the others are killed (they would otherwise
 # wait forever in a collective). Exit status: 0 if all succeeded, else the first failure's
 # (130 / 143 after Ctrl-C / SIGTERM).
 set -uo pipefail
