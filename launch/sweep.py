@@ -287,8 +287,10 @@ def build_runs(args: argparse.Namespace, overrides: Sequence[str]) -> list[Run]:
     config += ("," if ":" in config else ":") + "runlocal"
   seeds = range(args.first_seed, args.first_seed + args.seeds)
   root = args.workdir_root
-  if "://" not in root:
-    root = os.path.abspath(root)  # printed and submitted commands work from any folder
+  if "://" not in root and args.launcher != "tpu":
+    # Printed and submitted commands then work from any folder. On a TPU VM a relative root
+    # stays relative: to the code folder on the workers, where the job runs.
+    root = os.path.abspath(root)
   return expand_grid(config, axes, seeds, overrides, root)
 
 
