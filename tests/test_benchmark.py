@@ -4,6 +4,9 @@ No timing is asserted (CI machines are shared); only that measurements exist and
 """
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +90,14 @@ def test_bad_settings_are_rejected_before_building(field, value):
   settings = benchmark.BenchmarkSettings(**{field: value})
   with pytest.raises(ValueError, match=field.replace("_", "-")):
     settings.validate()
+
+
+def test_benchmark_path_imports_no_tensorflow():
+  # The GPU machine has no TensorFlow: importing the tool (model, step, optimizer, synthetic data)
+  # must not pull it in. A fresh interpreter, because other tests may have imported it.
+  code = ("import sys; from xception_jax.tools import benchmark; "
+          "found = [m for m in ('tensorflow', 'keras', 'torch') if m in sys.modules]; "
+          "print(found); sys.exit(1 if found else 0)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
