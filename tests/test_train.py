@@ -42,10 +42,8 @@ def _one_step(config, devices, batch):
   tx, schedule = optim.create_optimizer(config, 100.0, 100)
   mesh = _mesh(devices)
   state, shardings = train.create_train_state(model, tx, config.image_size, mesh, config.seed)
-  step = jax.jit(train.make_train_step(config, model, tx, schedule,
-                                       train.make_loss_fn("softmax", 10, 0.0), False),
-                 in_shardings=(shardings, NamedSharding(mesh, P("data"))),
-                 out_shardings=(shardings, NamedSharding(mesh, P())))
+  step = train.jit_train_step(train.make_train_step(
+      config, model, tx, schedule, train.make_loss_fn("softmax", 10, 0.0), False), shardings, mesh)
   state, metrics = step(state, train.to_global(batch, NamedSharding(mesh, P("data"))))
   return jax.device_get(state), jax.device_get(metrics)
 

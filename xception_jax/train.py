@@ -240,6 +240,15 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
   return train_step
 
 
+def jit_train_step(train_step: Callable, state_shardings: PyTree,
+                   mesh: jax.sharding.Mesh) -> Callable:
+  """Compiles the step as training runs it: batch sharded over 'data', state donated in place."""
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, NamedSharding(mesh, P("data"))),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                 donate_argnums=(0,))
+
+
 def make_eval_step(model, multi_label: bool) -> Callable:
   """Returns eval_step(state, batch, map_states) -> (sums, map_states) for raw and EMA weights.
 
@@ -426,12 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _write_run_info(workdir, config, info, model, state, per_epoch, num_steps, loss_kind)
 
   data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-  train_step = jax.jit(
-      make_train_step(config, model, tx, schedule, make_loss_fn(
-          loss_kind, info.num_classes, config.label_smoothing), info.multi_label),
-      in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,))
+  loss_fn = make_loss_fn(loss_kind, info.num_classes, config.label_smoothing)
+  train_step = jit_train_step(
+      make_train_step(config, model, tx, schedule, loss_fn, info.multi_label), state_shardings, mesh)
   eval_step = jax.jit(make_eval_step(model, info.multi_label))
 
   writer = metric_writer.MetricWriter(workdir, num_steps)

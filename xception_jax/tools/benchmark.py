@@ -248,13 +248,12 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
   start = time.perf_counter()
   if settings.mode == "train":
-    # Exactly how train.train_and_evaluate jits it: state shardings, batch over 'data', donation.
-    step_jit = jax.jit(
+    # Exactly as train.train_and_evaluate compiles it.
+    step_jit = train.jit_train_step(
         train.make_train_step(config, model, tx, schedule,
                               train.make_loss_fn("softmax", settings.num_classes,
                                                  config.label_smoothing), multi_label=False),
-        in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,))
+        state_shardings, mesh)
     lowered = step_jit.lower(state, batches[0])
   else:
     lowered = infer_jit.lower(variables, batches[0]["image"])
