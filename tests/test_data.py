@@ -37,7 +37,7 @@ def test_single_label_train_and_eval_batches(data_dir):
   c = _config(data_dir)
   info = data.dataset_info(c)
   assert info.name == "embedded_shapes" and info.num_classes == 10 and not info.multi_label
-  assert info.class_names[0] == "circles" and len(info.class_names) == 10
+  assert info.class_names[0] == "horizontal_stripes" and len(info.class_names) == 10
   assert (info.num_train_examples, info.num_eval_examples) == (3000, 600)
   batch = next(data.create_train_iterator(c, info, process_index=0, process_count=2))
   assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.float32
