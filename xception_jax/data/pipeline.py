@@ -204,5 +204,16 @@ class EvalIterable:
     return iter(self._ds.as_numpy_iterator())
 
 
+_EVAL_DATASETS: dict[tuple, tuple[tf.data.Dataset, int]] = {}
+
+
 def eval_iterable(config, info, process_index: int, process_count: int) -> EvalIterable:
-  return EvalIterable(*eval_dataset(config, info, process_index, process_count))
+  """Built once per (config, process) and re-iterated by each evaluation, so that with
+  config.input.cache the encoded eval records stay in memory between evaluations."""
+  key = (config.dataset, config.data_dir, config.eval_split, config.input.bad_files,
+         int(config.image_size), float(config.input.eval_crop_fraction),
+         data_lib.eval_batch_size(config), bool(config.input.cache),
+         int(config.input.num_parallel_calls), info.num_classes, process_index, process_count)
+  if key not in _EVAL_DATASETS:
+    _EVAL_DATASETS[key] = eval_dataset(config, info, process_index, process_count)
+  return EvalIterable(*_EVAL_DATASETS[key])
