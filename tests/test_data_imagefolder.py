@@ -151,3 +151,16 @@ def test_input_bench_measures_the_train_pipeline(tmp_path):
   baseline = input_bench.measure(_config(root, tmp_path), batches=3, warmup_batches=1,
                                  baseline="decode")
   assert baseline["baseline"] == "decode" and baseline["images_per_sec"] > 0
+
+
+def test_imagefolder_process_shards_mix_classes(tmp_path):
+  # Files are listed class by class; each process's contiguous shard must still mix classes.
+  root = str(tmp_path / "photos")
+  _make_folder(root, with_bad=False)
+  c = _config(root, tmp_path)
+  c.batch_size = 12  # 2 processes x 6 = one epoch of each 6-example shard
+  info = data.dataset_info(c)
+  labels = [next(data.create_train_iterator(c, info, process_index=p, process_count=2))["label"]
+            for p in range(2)]
+  assert all(len(set(l.tolist())) >= 2 for l in labels)
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels), minlength=3), [4, 4, 4])

@@ -159,6 +159,11 @@ def scan(root: str, split: str, class_names: tuple[str, ...] | None, bad_files: 
   return tuple(class_names), tuple(p for p, _ in good), tuple(l for _, l in good)
 
 
+def _fixed_permutation(paths, labels):
+  order = np.random.default_rng(0).permutation(len(paths))
+  return tuple(paths[i] for i in order), tuple(labels[i] for i in order)
+
+
 class ImageFolderSource(source_lib.Source):
   """ROOT/split/CLASS/* files; records hold file paths, read after shuffling."""
 
@@ -180,6 +185,10 @@ class ImageFolderSource(source_lib.Source):
     class_names, train_paths, train_labels = scan(root, train_split, None, mode, data_dir)
     _, eval_paths, eval_labels = scan(root, eval_split, class_names, mode, data_dir)
     counts = np.bincount(np.asarray(train_labels), minlength=len(class_names))
+    # Files are listed class by class; a fixed permutation (independent of config.seed) makes
+    # every process's contiguous shard, and every shuffle-buffer window, a mix of all classes.
+    train_paths, train_labels = _fixed_permutation(train_paths, train_labels)
+    eval_paths, eval_labels = _fixed_permutation(eval_paths, eval_labels)
     super().__init__(
         name=config.dataset, num_classes=len(class_names), multi_label=False,
         class_names=class_names, train_split=train_split, eval_split=eval_split,

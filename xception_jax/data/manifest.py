@@ -139,7 +139,9 @@ def build(name: str, manifests: dict[str, str], data_dir: str = "",
   builder = ManifestBuilder(
       name=name, version="1.0.0", features=features,
       split_datasets={split: examples(rows) for split, rows in splits.items()},
-      data_dir=data_dir or None, disable_shuffling=True,
+      # tfds shuffles the stored order (by a hash of the keys): a manifest sorted by class still
+      # gives every process's contiguous shard a mix of classes.
+      data_dir=data_dir or None, disable_shuffling=False,
       description=f"Made by xception_jax.data.manifest from {manifests}.")
   if builder.is_prepared():
     raise FileExistsError(f"Dataset {name!r} already exists in {builder.data_dir}; delete that "
@@ -161,9 +163,9 @@ def main(argv: Sequence[str]) -> None:
       class_names = [line.strip() for line in f if line.strip()]
   builder = build(FLAGS.name, manifests, FLAGS.data_dir, class_names, FLAGS.num_classes,
                   FLAGS.multi_label, FLAGS.bad_files)
+  data_dir = FLAGS.data_dir or "~/tensorflow_datasets"
   print(f"Wrote {FLAGS.name} to {builder.data_dir}: {dict(builder.info.splits)}. "
-        f"Train with --config.dataset={FLAGS.name} --config.data_dir={FLAGS.data_dir or '~/tensorflow_datasets'}",
-        file=sys.stdout)
+        f"Train with --config.dataset={FLAGS.name} --config.data_dir={data_dir}", file=sys.stdout)
 
 
 if __name__ == "__main__":
