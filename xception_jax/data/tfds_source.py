@@ -45,8 +45,8 @@ def _not_prepared_message(builder, name: str, data_dir: str) -> str:
     if missing or not files:
       what = (f"put {', '.join(missing)} in {manual_dir}" if files else
               f"put the files described below in {manual_dir}")
-      return (f"config.dataset={name!r} is not prepared in config.data_dir={data_dir!r} and needs a "
-              f"manual download: {what}, then run `{build}` once (it converts the archives; "
+      return (f"config.dataset={name!r} is not prepared in config.data_dir={data_dir!r} and needs "
+              f"a manual download: {what}, then run `{build}` once (it converts the archives; "
               f"ImageNet takes hours). tfds instructions:\n{instructions.strip()}")
     return (f"config.dataset={name!r}: the manual download is in {manual_dir} but the dataset is "
             f"not prepared in {data_dir!r}; run `{build}` once before training.")
@@ -142,7 +142,9 @@ class TfdsSource(source_lib.Source):
     pieces, offset = [], 0
     for instr in tfds.core.ReadInstruction.from_spec(split).to_absolute(self._builder.info.splits):
       lo = instr.from_ or 0
-      hi = instr.to if instr.to is not None else self._builder.info.splits[instr.splitname].num_examples
+      hi = instr.to
+      if hi is None:
+        hi = self._builder.info.splits[instr.splitname].num_examples
       a, b = max(start, offset), min(stop, offset + hi - lo)
       if a < b:
         pieces.append(f"{instr.splitname}[{lo + a - offset}:{lo + b - offset}]")
