@@ -20,6 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32
   c.eval_batch_size = 128
   c.total_steps = 600
+  # Milder crops than ImageNet's (0.05, 1): a 5% crop of a 72px shape image often cuts the shape
+  # out, which slows a 600-step run down far more than it regularises it.
+  c.input.area_range = (0.35, 1.0)
   c.optimizer.name = "sgd"
   c.optimizer.momentum = 0.9
   c.lr.base = 0.045

@@ -442,7 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metric_writer.MetricWriter(workdir, num_steps)
   preemption = PreemptionWatcher()
-  train_iter: Iterator = data.create_train_iterator(config, info, start_step=start_step)
+  train_iter: Iterator = data.create_train_iterator(config, info, start_step=start_step,
+                                                    sharding=data_sharding)
   last: dict[str, Any] = {}
   pending: list[dict] = []
   step = start_step
