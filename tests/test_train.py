@@ -174,3 +174,27 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
   step, arrays = _all_arrays(str(tmp_path))
   assert step == 2
   assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
+
+
+def test_init_from_another_run_replaces_the_head_for_a_new_class_count(tmp_path):
+  source = tmp_path / "source"
+  train.train_and_evaluate(tiny_config(total_steps=1), str(source))
+  config = tiny_config(total_steps=1, eval_every_steps=1000, init_from=str(source))
+  config.num_classes = 12  # more classes than the data has: a new head
+  model = train.create_model(config, num_classes=12)
+  tx, _ = optim.create_optimizer(config, 100.0, 100)
+  state, _ = train.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
+                                      config.seed)
+  state = train.load_pretrained(config, model, state)
+  loaded = checkpointing.load_variables(str(source), use_ema=True)
+  flat_new = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+  flat_old = {jax.tree_util.keystr(p): v for p, v in
+              jax.tree_util.tree_flatten_with_path(loaded["params"])[0]}
+  replaced = []
+  for path, value in flat_new:
+    key = jax.tree_util.keystr(path)
+    if value.shape[-1:] == (12,):
+      replaced.append(key)
+    else:
+      np.testing.assert_array_equal(value, flat_old[key], err_msg=key)
+  assert replaced and all("predictions" in k for k in replaced), replaced
