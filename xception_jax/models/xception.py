@@ -404,7 +404,9 @@ class Xception(nn.Module):
       return batch_norm(name=f"{name}_bn")(x)
 
     def shortcut(x, features, block):
-      x = conv(features, (1, 1), strides=(2, 2), padding="SAME", name=f"{block}_shortcut")(x)
+      # layers.conv_general_dilated: a strided matrix product on CPU, the native conv elsewhere.
+      x = conv(features, (1, 1), strides=(2, 2), padding="SAME", name=f"{block}_shortcut",
+               conv_general_dilated=layers.conv_general_dilated)(x)
       return batch_norm(name=f"{block}_shortcut_bn")(x)
 
     def max_pool(x):

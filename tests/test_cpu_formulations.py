@@ -1,0 +1,145 @@
+"""The CPU formulations of models/layers.py compute what the native ops compute.
+
+On CPU, `layers.conv_general_dilated` replaces depthwise convolutions by shifted multiply-adds and
+1x1 convolutions by a matrix product, because XLA:CPU runs the native forms (above all their
+backward passes) slowly.
+These tests pin down that the swap is invisible: forward values and gradients match the native
+ops (fp32 tightly, bf16 loosely) for odd and even sizes, SAME padding with its extra pixel at the
+end, and stride 2 (the 1x1 shortcuts); that the CPU branch is the one compiled on CPU and the
+native one is what a GPU / TPU program gets; and that the parameters keep their names and shapes.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from xception_jax.models import layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _native_conv(x, w, strides, padding, groups):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                  feature_group_count=groups)
+
+
+def _ours_conv(x, w, strides, padding, groups):
+  return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                     feature_group_count=groups)
+
+
+def _value_and_grads(conv, x, w, cotangent):
+  """conv(x, w) and the gradients of <conv(x, w), cotangent> wrt x and w, in float32."""
+  def loss(x, w):
+    return jnp.sum(conv(x, w).astype(jnp.float32) * cotangent)
+  y = jax.jit(conv)(x, w)
+  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  return [np.asarray(a, np.float32) for a in (y, gx, gw)]
+
+
+def _assert_close(ours, native, dtype, names=("value", "grad x", "grad kernel")):
+  """Close relative to each array's largest magnitude: fp32 to rounding, bf16 to its 8 bits."""
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=5e-2, atol=5e-2)
+  for name, a, b in zip(names, ours, native):
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a / scale, b / scale, err_msg=name, **tol)
+
+
+# (input shape, kernel shape, strides, padding, feature groups): depthwise 3x3 (SAME, odd and
+# even sizes, and a strided one although Xception has none), 1x1 at stride 1 and 2 (SAME on odd
+# and even sizes, and VALID).
+CONVS = [
+    ((2, 7, 7, 8), (3, 3, 1, 8), (1, 1), "SAME", 8),
+    ((2, 8, 6, 16), (3, 3, 1, 16), (1, 1), "SAME", 16),
+    ((2, 8, 7, 8), (3, 3, 1, 8), (2, 2), "SAME", 8),
+    ((2, 7, 7, 8), (1, 1, 8, 12), (1, 1), "SAME", 1),
+    ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
+    ((2, 8, 6, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
+    ((2, 9, 8, 8), (1, 1, 8, 12), (2, 2), "VALID", 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,groups", CONVS)
+def test_conv_matches_native(x_shape, w_shape, strides, padding, groups, dtype):
+  x, w = _normal(0, x_shape, dtype), _normal(1, w_shape, dtype)
+  out_shape = _native_conv(x, w, strides, padding, groups).shape
+  cotangent = _normal(2, out_shape)
+  ours = _value_and_grads(functools.partial(_ours_conv, strides=strides, padding=padding,
+                                            groups=groups), x, w, cotangent)
+  native = _value_and_grads(functools.partial(_native_conv, strides=strides, padding=padding,
+                                              groups=groups), x, w, cotangent)
+  assert ours[0].shape == native[0].shape == out_shape
+  _assert_close(ours, native, dtype)
+
+
+def _lowered_ops(fn, platform, *args):
+  return jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
+def test_cpu_program_uses_rewrites_and_other_platforms_keep_native_ops():
+  x, w = _normal(0, (2, 9, 9, 8), jnp.bfloat16), _normal(1, (3, 3, 1, 8), jnp.bfloat16)
+  w1 = _normal(2, (1, 1, 8, 16), jnp.bfloat16)
+
+  def loss(x, w, w1):
+    y = _ours_conv(_ours_conv(x, w, (1, 1), "SAME", 8), w1, (2, 2), "SAME", 1)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+  step = jax.grad(loss, argnums=(0, 1, 2))
+  assert "convolution" not in _lowered_ops(step, "cpu", x, w, w1)
+  for platform in ("cuda", "tpu"):
+    assert "convolution" in _lowered_ops(step, platform, x, w, w1), platform
+
+
+def test_other_convs_fall_through_to_native():
+  """Intermediate segment counts and regular 3x3 convs are the native op, unchanged."""
+  x = _normal(0, (1, 6, 6, 8))
+  for w_shape, groups in (((3, 3, 2, 8), 4), ((3, 3, 8, 8), 1)):
+    w = _normal(1, w_shape)
+    text = _lowered_ops(lambda x, w, g=groups: _ours_conv(x, w, (1, 1), "SAME", g), "cpu", x, w)
+    assert "convolution" in text
+    np.testing.assert_allclose(_ours_conv(x, w, (1, 1), "SAME", groups),
+                               _native_conv(x, w, (1, 1), "SAME", groups), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("order", ["depthwise_first", "pointwise_first"])
+def test_separable_conv_params_values_and_grads_match_native(order, dtype):
+  """Same parameter tree as before (names and shapes); same outputs and parameter gradients as
+  the module built from native `nn.Conv`s, under jit and grad, in fp32 and bf16 compute."""
+  x = _normal(5, (2, 7, 7, 8))
+  module = layers.SeparableConv(16, order=order, dtype=dtype)
+  params = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+  spatial = 8 if order == "depthwise_first" else 16
+  shapes = jax.tree.map(lambda a: a.shape, params)
+  assert shapes == {"spatial": {"kernel": (3, 3, 1, spatial)},
+                    "pointwise": {"kernel": (1, 1, 8, 16)}}
+  params = jax.tree.map(lambda a, s=iter(range(10, 20)): _normal(next(s), a.shape), params)
+  cotangent = _normal(7, (2, 7, 7, 16))
+
+  def native(p, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+    sp = conv(spatial, (3, 3), padding="SAME", feature_group_count=spatial)
+    pw = conv(16, (1, 1), padding="VALID")
+    if order == "depthwise_first":
+      return pw.apply({"params": p["pointwise"]}, sp.apply({"params": p["spatial"]}, x))
+    return sp.apply({"params": p["spatial"]}, pw.apply({"params": p["pointwise"]}, x))
+
+  def ours(p, x):
+    return module.apply({"params": p}, x)
+  results = []
+  for fn in (ours, native):
+    y = jax.jit(fn)(params, x)
+    g = jax.jit(jax.grad(lambda p, fn=fn: jnp.sum(fn(p, x).astype(jnp.float32) * cotangent)))(
+        params)
+    assert y.dtype == dtype
+    results.append([np.asarray(y, np.float32), *(np.asarray(a) for a in jax.tree.leaves(g))])
+  _assert_close(results[0], results[1], dtype,
+                names=("value", "grad pointwise/kernel", "grad spatial/kernel"))
