@@ -101,9 +101,14 @@ for ((i = 0; i < num_processes; i++)); do
   mkfifo "$fifo_dir/$i"
   sed -u "s/^/[process $i] /" < "$fifo_dir/$i" &
   prefixers+=("$!")
+  # The FIFO is opened here, before the process exists, and closed here right after it starts:
+  # the prefixer then sees end-of-file exactly when the process's output closes, even if the
+  # process is killed before it could open the FIFO itself (else the prefixer would wait forever).
+  exec {output}>"$fifo_dir/$i"
   "$python" -u -m xception_jax.main "$@" --coordinator_address="$coordinator" \
-      --num_processes="$num_processes" --process_id="$i" > "$fifo_dir/$i" 2>&1 &
+      --num_processes="$num_processes" --process_id="$i" >&"$output" 2>&1 &
   pids+=("$!")
+  exec {output}>&-
 done
 
 status=0
@@ -113,7 +118,15 @@ while ((${#remaining[@]} > 0)); do
   wait -n -p finished "${remaining[@]}"
   rc=$?
   if [[ -z "${finished:-}" ]]; then
-    continue  # wait was interrupted by a signal; the trap has acted, keep waiting
+    if ((rc == 127)); then
+      # "no such job": bash already reaped them (killed above); keep only those still running.
+      still=()
+      for pid in "${remaining[@]}"; do
+        kill -0 "$pid" 2>/dev/null && still+=("$pid")
+      done
+      remaining=("${still[@]+"${still[@]}"}")
+    fi
+    continue  # otherwise wait was interrupted by a signal; the trap has acted, keep waiting
   fi
   still=()
   for pid in "${remaining[@]}"; do
