@@ -33,33 +33,9 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() {
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
-  echo "Options: see the comment at the top of $0." >&2
-  exit 2
-}
-
-die() {
-  echo "launch/slurm.sh: $*" >&2
-  exit 2
-}
-
-# Shell-quotes one word only when needed, so the script stays readable.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+usage_lines="2,6"
+# shellcheck source=launch/common.sh
+source "$repo_root/launch/common.sh"
 
 positive_int() {  # name value
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'."

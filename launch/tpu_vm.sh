@@ -34,33 +34,9 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() {
-  sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
-  echo "Options: see the comment at the top of $0." >&2
-  exit 2
-}
-
-die() {
-  echo "launch/tpu_vm.sh: $*" >&2
-  exit 2
-}
-
-# Shell-quotes one word only when needed, so printed commands stay readable and paste-able.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+usage_lines="2,5"
+# shellcheck source=launch/common.sh
+source "$repo_root/launch/common.sh"
 
 tpu="" zone="" project="" remote_dir="xception_jax" remote_python="python3"
 sync=1 install=1 detach=0 dry_run=0
