@@ -40,8 +40,10 @@ def test_single_label_train_and_eval_batches(data_dir):
   assert info.class_names[0] == "horizontal_stripes" and len(info.class_names) == 10
   assert (info.num_train_examples, info.num_eval_examples) == (3000, 600)
   batch = next(data.create_train_iterator(c, info, process_index=0, process_count=2))
-  assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.float32
-  assert -1.0 <= batch["image"].min() < 0.0 < batch["image"].max() <= 1.0
+  assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.uint8
+  assert batch["image"].min() < 64 and batch["image"].max() > 192  # full pixel range in use
+  pixels = data.model_input(batch["image"])
+  assert pixels.dtype == np.float32 and -1.0 <= pixels.min() < 0.0 < pixels.max() <= 1.0
   assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
   assert set(batch["label"]) <= set(range(10))
   eval_batch = next(iter(data.create_eval_iterator(c, info, process_index=0, process_count=1)))

@@ -45,9 +45,26 @@ def test_every_image_becomes_rgb_of_the_model_size(height, width, fmt, mode):
   train = preprocess.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=20,
                                  color_distortion=True)
   evaluated = preprocess.eval_image(encoded, image_size=20)
-  for image in (train, evaluated):
-    assert image.shape == (20, 20, 3) and image.dtype == tf.float32
-    assert -1.0 <= float(tf.reduce_min(image)) and float(tf.reduce_max(image)) <= 1.0
+  assert train.shape == (20, 20, 3) and train.dtype == tf.uint8
+  assert evaluated.shape == (20, 20, 3) and evaluated.dtype == tf.float32
+  assert -1.0 <= float(tf.reduce_min(evaluated)) and float(tf.reduce_max(evaluated)) <= 1.0
+
+
+def test_train_pixels_are_the_rounded_float_path_and_model_input_scales_them():
+  """Whole-image window, no flip: uint8 training pixels are the float resize rounded, and
+  data.model_input (numpy or jitted) maps them to the eval path's [-1, 1] within rounding."""
+  import jax
+  from xception_jax import data
+  encoded = tf.constant(_encode(_natural_image(40, 40), "PNG"))
+  pixels = preprocess.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=24,
+                                  area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0),
+                                  flip=False).numpy()
+  expected = preprocess.eval_image(encoded, image_size=24, crop_fraction=1.0).numpy()
+  scaled = data.model_input(pixels)
+  assert scaled.dtype == np.float32
+  np.testing.assert_allclose(scaled, expected, atol=0.5 / 127.5 + 1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(data.model_input)(pixels)), scaled, atol=1e-6)
+  assert data.model_input(expected) is expected  # floats pass through
 
 
 def test_train_augmentation_is_a_function_of_the_seed():

@@ -165,7 +165,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     for step, batch in enumerate(real_iterator(config, info, start_step=start_step, **kwargs),
                                  start=start_step):
       if step == 3:  # the 4th step sees a NaN image
-        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        batch = {**batch, "image": np.full(batch["image"].shape, np.nan, np.float32)}
       yield batch
 
   monkeypatch.setattr(data, "create_train_iterator", poisoned)

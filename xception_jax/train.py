@@ -179,7 +179,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
 
   def forward(params, batch_stats, images, labels, rng):
     logits, mutated = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        {"params": params, "batch_stats": batch_stats}, data.model_input(images), train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
     loss = jnp.mean(loss_fn(logits, labels))
     return loss, (logits, mutated["batch_stats"])
@@ -260,8 +260,8 @@ def make_eval_step(model, multi_label: bool) -> Callable:
     sums = {}
     for prefix, params, batch_stats in (("", state.params, state.batch_stats),
                                         ("ema_", state.ema_params, state.ema_batch_stats)):
-      logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                           train=False)
+      logits = model.apply({"params": params, "batch_stats": batch_stats},
+                           data.model_input(batch["image"]), train=False)
       if multi_label:
         counts = metrics.multilabel_counts(logits, batch["label"], batch["mask"])
         map_states = {**map_states, prefix: metrics.map_update(

@@ -111,10 +111,11 @@ def create_train_iterator(config, info: DatasetInfo, start_step: int = 0, *,
                           sharding: Any = None) -> Iterator[dict[str, Any]]:
   """An infinite iterator of this process's training batches, starting at `start_step`.
 
-  Yields {'image': float32 [B, S, S, 3] in [-1, 1], 'label': int32 [B] or float32 multi-hot
-  [B, num_classes]} as numpy arrays, B = config.batch_size // process_count. For 'synthetic' it
-  yields GLOBAL jax.Arrays of config.batch_size examples instead, laid out by `sharding` (default:
-  the batch dimension split over all devices).
+  Yields {'image': uint8 [B, S, S, 3] pixels, 'label': int32 [B] or float32 multi-hot
+  [B, num_classes]} as numpy arrays, B = config.batch_size // process_count; `model_input` turns
+  the images into the model's [-1, 1] on the accelerator. For 'synthetic' it yields GLOBAL
+  jax.Arrays of config.batch_size examples instead (float32 images already in [-1, 1]), laid out
+  by `sharding` (default: the batch dimension split over all devices).
   """
   validate_input_config(config)
   if start_step < 0:
@@ -125,6 +126,18 @@ def create_train_iterator(config, info: DatasetInfo, start_step: int = 0, *,
   from xception_jax.data import pipeline
   process_index, process_count = _process(process_index, process_count)
   return pipeline.train_iterator(config, info, start_step, process_index, process_count)
+
+
+def model_input(images: Any) -> Any:
+  """Images as the models take them: uint8 pixels -> float32 x / 127.5 - 1 in [-1, 1];
+  floating-point images (eval batches, synthetic data) are returned unchanged.
+
+  Works on numpy arrays and on jax arrays inside jit, where the training step calls it so that
+  the conversion runs on the accelerator (see `preprocess.py` for why batches travel as uint8).
+  """
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  return images
 
 
 def create_eval_iterator(config, info: DatasetInfo, *, process_index: int | None = None,

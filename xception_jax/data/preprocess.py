@@ -3,9 +3,12 @@
 Train: sample a distorted bounding box (area and aspect-ratio ranges, min_object_covered,
 100 attempts), decode ONLY that window of a JPEG (`tf.image.decode_and_crop_jpeg`: the entropy
 decoding still reads the file but the IDCT and colour conversion of the discarded area are
-skipped, which keeps the pipeline as fast as a plain full decode), resize bilinearly to S x S,
-random horizontal flip, optional colour distortion, scale to [-1, 1]. Non-JPEG images (PNG, GIF,
-BMP) are decoded in full and cropped.
+skipped, which keeps the pipeline close to a plain full decode), resize bilinearly to S x S,
+random horizontal flip, optional colour distortion, round to uint8. Non-JPEG images (PNG, GIF,
+BMP) are decoded in full and cropped. Training images leave the host as uint8 pixels and become
+[-1, 1] floats on the accelerator (`xception_jax.data.model_input`, inside the jitted step): a
+quarter of the bytes to batch and transfer, and no float pass on the host; the rounding adds at
+most 0.5/255 of noise to an image that random cropping and flipping already perturb far more.
 
 Eval: full decode (ISLOW IDCT, as PIL), central crop of `crop_fraction` of each side (0.875),
 resize bilinearly (half-pixel centres, no antialiasing, as TF-Slim) to S x S, scale to [-1, 1].
@@ -15,7 +18,7 @@ All randomness is stateless and seeded per example (`seed`: int64 [2]) so a trai
 pure function of (config.seed, step, process): see `pipeline.py`.
 
 Grayscale and CMYK JPEGs, paletted/alpha PNGs become 3-channel RGB; images smaller than the
-crop are upsampled, so every output is float32 [S, S, 3].
+crop are upsampled, so every output is [S, S, 3]: uint8 for training, float32 for eval.
 """
 from __future__ import annotations
 
@@ -47,24 +50,31 @@ def _decode_full(encoded: tf.Tensor, accurate_dct: bool = False) -> tf.Tensor:
   return tf.ensure_shape(image, [None, None, 3])
 
 
-def image_shape(encoded: tf.Tensor) -> tf.Tensor:
-  """[height, width] of an encoded image; JPEG headers are parsed without decoding."""
-  return tf.cond(tf.io.is_jpeg(encoded),
-                 lambda: tf.io.extract_jpeg_shape(encoded)[:2],
-                 lambda: tf.shape(_decode_full(encoded))[:2])
+def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, **box_args) -> tf.Tensor:
+  """Samples an Inception crop box and decodes only that window, as uint8 [h, w, 3].
 
+  JPEGs: the header gives the shape without decoding, then `decode_and_crop_jpeg` decodes the
+  window. Other formats are decoded in full and sliced. One branch on the format, so each image
+  is decoded once.
+  """
+  def sample_box(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([shape, [3]], 0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed, max_attempts=MAX_BOX_ATTEMPTS, use_image_if_no_bounding_boxes=True,
+        **box_args)
+    return begin, size
 
-def decode_window(encoded: tf.Tensor, offset_y, offset_x, height, width) -> tf.Tensor:
-  """Decodes the window [offset, offset + size) of an encoded image as uint8 RGB."""
   def jpeg():
-    window = tf.stack([offset_y, offset_x, height, width])
-    return tf.ensure_shape(tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
-                           [None, None, 3])
+    begin, size = sample_box(tf.io.extract_jpeg_shape(encoded)[:2])
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
 
   def other():
-    return _decode_full(encoded)[offset_y:offset_y + height, offset_x:offset_x + width]
+    image = _decode_full(encoded)
+    begin, size = sample_box(tf.shape(image)[:2])
+    return tf.slice(image, begin, size)
 
-  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  return tf.ensure_shape(tf.cond(tf.io.is_jpeg(encoded), jpeg, other), [None, None, 3])
 
 
 def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -104,23 +114,25 @@ def train_image(encoded: tf.Tensor, seed: tf.Tensor, *, image_size: int,
                 aspect_ratio_range: Sequence[float] = (0.75, 1.33),
                 min_object_covered: float = 0.1, flip: bool = True,
                 color_distortion: bool = False) -> tf.Tensor:
-  """Encoded image bytes -> float32 [S, S, 3] in [-1, 1] with seeded random augmentation."""
+  """Encoded image bytes -> uint8 [S, S, 3] pixels with seeded random augmentation.
+
+  `xception_jax.data.model_input` maps them to the model's [-1, 1] (x / 127.5 - 1).
+  """
   seed = tf.cast(seed, tf.int64)
   box_seed, flip_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  shape = image_shape(encoded)
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.concat([shape, [3]], 0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=box_seed, min_object_covered=min_object_covered,
-      aspect_ratio_range=tuple(aspect_ratio_range), area_range=tuple(area_range),
-      max_attempts=MAX_BOX_ATTEMPTS, use_image_if_no_bounding_boxes=True)
-  image = decode_window(encoded, begin[0], begin[1], size[0], size[1])
+  image = _decode_random_crop(
+      encoded, box_seed, min_object_covered=min_object_covered,
+      aspect_ratio_range=tuple(aspect_ratio_range), area_range=tuple(area_range))
   if flip:  # on the uint8 crop: 4x fewer bytes than after resizing, and flip commutes with the
     # half-pixel-centred resize (its sampling grid is mirror-symmetric)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = _resize(image, image_size)
   if color_distortion:
-    return distort_color(image / 255.0, color_seed) * 2.0 - 1.0
-  return image / 127.5 - 1.0
+    image = distort_color(image / 255.0, color_seed) * 255.0
+  # Round to nearest. No clipping needed (and a saturating cast costs two more passes): bilinear
+  # weights sum to 1, so values stay within [0, 255] (+ float rounding, truncated away by the
+  # cast), and distort_color clips to [0, 1].
+  return tf.cast(image + 0.5, tf.uint8)
 
 
 def central_crop_window(height, width, crop_fraction: float):
