@@ -1,8 +1,8 @@
 """The CPU formulations of models/layers.py compute what the native ops compute.
 
-On CPU, `layers.conv_general_dilated` replaces depthwise convolutions by shifted multiply-adds and
-1x1 convolutions by a matrix product, because XLA:CPU runs the native forms (above all their
-backward passes) slowly.
+On CPU, `layers.conv_general_dilated` replaces depthwise convolutions by shifted multiply-adds,
+grouped ones by group-batched matrix products and 1x1 convolutions by a matrix product, because
+XLA:CPU runs the native forms (above all their backward passes) slowly.
 These tests pin down that the swap is invisible: forward values and gradients match the native
 ops (fp32 tightly, bf16 loosely) for odd and even sizes, SAME padding with its extra pixel at the
 end, and stride 2 (the 1x1 shortcuts); that the CPU branch is the one compiled on CPU and the
@@ -64,6 +64,9 @@ CONVS = [
     ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
     ((2, 8, 6, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
     ((2, 9, 8, 8), (1, 1, 8, 12), (2, 2), "VALID", 1),
+    ((2, 7, 7, 8), (3, 3, 2, 8), (1, 1), "SAME", 4),    # grouped: the spectrum's middle
+    ((2, 8, 6, 12), (3, 3, 6, 12), (1, 1), "SAME", 2),
+    ((2, 8, 7, 8), (3, 3, 4, 8), (2, 2), "SAME", 2),
 ]
 
 
@@ -98,35 +101,41 @@ def test_cpu_program_uses_rewrites_and_other_platforms_keep_native_ops():
     assert "convolution" in _lowered_ops(step, platform, x, w, w1), platform
 
 
-def test_other_convs_fall_through_to_native():
-  """Intermediate segment counts and regular 3x3 convs are the native op, unchanged."""
+def test_regular_convs_fall_through_to_native():
+  """Regular (one-segment) 3x3 convs are the native op on CPU too, unchanged; grouped ones are
+  rewritten there but stay native on GPU and TPU."""
   x = _normal(0, (1, 6, 6, 8))
-  for w_shape, groups in (((3, 3, 2, 8), 4), ((3, 3, 8, 8), 1)):
-    w = _normal(1, w_shape)
-    text = _lowered_ops(lambda x, w, g=groups: _ours_conv(x, w, (1, 1), "SAME", g), "cpu", x, w)
-    assert "convolution" in text
-    np.testing.assert_allclose(_ours_conv(x, w, (1, 1), "SAME", groups),
-                               _native_conv(x, w, (1, 1), "SAME", groups), rtol=1e-6, atol=1e-6)
+  w = _normal(1, (3, 3, 8, 8))
+  assert "convolution" in _lowered_ops(lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 1), "cpu",
+                                       x, w)
+  np.testing.assert_allclose(_ours_conv(x, w, (1, 1), "SAME", 1),
+                             _native_conv(x, w, (1, 1), "SAME", 1), rtol=1e-6, atol=1e-6)
+  grouped = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 4)
+  w4 = _normal(1, (3, 3, 2, 8))
+  assert "convolution" not in _lowered_ops(grouped, "cpu", x, w4)
+  assert "convolution" in _lowered_ops(grouped, "cuda", x, w4)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("order", ["depthwise_first", "pointwise_first"])
-def test_separable_conv_params_values_and_grads_match_native(order, dtype):
+@pytest.mark.parametrize("segments", ["depthwise", 4])
+def test_separable_conv_params_values_and_grads_match_native(segments, order, dtype):
   """Same parameter tree as before (names and shapes); same outputs and parameter gradients as
   the module built from native `nn.Conv`s, under jit and grad, in fp32 and bf16 compute."""
   x = _normal(5, (2, 7, 7, 8))
-  module = layers.SeparableConv(16, order=order, dtype=dtype)
+  module = layers.SeparableConv(16, segments=segments, order=order, dtype=dtype)
   params = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
   spatial = 8 if order == "depthwise_first" else 16
+  groups = spatial if segments == "depthwise" else segments
   shapes = jax.tree.map(lambda a: a.shape, params)
-  assert shapes == {"spatial": {"kernel": (3, 3, 1, spatial)},
+  assert shapes == {"spatial": {"kernel": (3, 3, spatial // groups, spatial)},
                     "pointwise": {"kernel": (1, 1, 8, 16)}}
   params = jax.tree.map(lambda a, s=iter(range(10, 20)): _normal(next(s), a.shape), params)
   cotangent = _normal(7, (2, 7, 7, 16))
 
   def native(p, x):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
-    sp = conv(spatial, (3, 3), padding="SAME", feature_group_count=spatial)
+    sp = conv(spatial, (3, 3), padding="SAME", feature_group_count=groups)
     pw = conv(16, (1, 1), padding="VALID")
     if order == "depthwise_first":
       return pw.apply({"params": p["pointwise"]}, sp.apply({"params": p["spatial"]}, x))

@@ -12,13 +12,15 @@ channels into `segments` independent groups, from 1 (a regular convolution after
 `lax.conv_general_dilated` call with `feature_group_count=segments` (NHWC), never a Python loop
 over groups, so it compiles to a single grouped-convolution kernel on GPU.
 
-On CPU two convolutions get a different but mathematically equal formulation
+On CPU three convolutions get a different but mathematically equal formulation
 (`conv_general_dilated` below), chosen per platform with `jax.lax.platform_dependent` so that GPU
 and TPU keep the native convolution that cuDNN and the TPU compiler handle well. XLA:CPU runs the
-depthwise 3x3 convolution (and above all its two backward convolutions) and the weight gradient of
-1x1 convolutions far below the machine's rate; the rewrites (shifted multiply-adds, a matrix
-product over channels) cut the Xception training step's CPU time (batch 32, 71x71) from about
-4900 to about 1800 ms per step, from 0.96x to 2.7x Keras 3's speed (BENCHMARKS.md, section 3).
+depthwise 3x3 convolution (and above all its two backward convolutions), grouped convolutions
+and the weight gradient of 1x1 convolutions far below the machine's rate; the rewrites (shifted
+multiply-adds, group-batched matrix products, a matrix product over channels) cut the Xception
+training step's CPU time (batch 32, 71x71) from about 4900 to about 1800 ms per step, from 0.96x
+to 2.7x Keras 3's speed (BENCHMARKS.md, section 3), and the intermediate segment counts' steps
+by 5-40x (section 2).
 Max pooling stays native on every platform: two cheaper-in-isolation backward forms made the
 full step slower (same section). Parameters keep their shapes and names, so Keras weights and
 checkpoints load unchanged.
@@ -149,6 +151,34 @@ def _depthwise_shifted(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   return out.astype(preferred_element_type or lhs.dtype)
 
 
+def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
+                  pads: Sequence[tuple[int, int]], groups: int, precision: Any,
+                  preferred_element_type: Any) -> jax.Array:
+  """Grouped conv (rhs (kh, kw, C / groups, C_out)) as a sum over kernel offsets of one
+  group-batched matrix product each: [groups, pixels, C / groups] x [groups, C / groups, d].
+
+  XLA:CPU runs a convolution with 1 < feature_group_count < channels (the spectrum's
+  intermediate segment counts) far below the rate of the same work as batched matrix products:
+  the Xception training step at 8 segments took 20x the regular-conv step, rising with the
+  segment count (BENCHMARKS.md, section 2). Accumulates in float32, returns the input dtype.
+  """
+  kh, kw, group_in, out_channels = rhs.shape
+  d = out_channels // groups
+  xp = _pad_nhwc(lhs, 0, pads)
+  b = lhs.shape[0]
+  ho, wo = [(xp.shape[1 + k] - (kh, kw)[k]) // strides[k] + 1 for k in range(2)]
+  kernel = rhs.reshape(kh, kw, group_in, groups, d)
+  acc = jnp.promote_types(lhs.dtype, jnp.float32)
+  out = None  # [groups, b, ho, wo, d]: dot_general puts the batch (group) dimension first
+  for (i, j), window in _window_slices(xp, (kh, kw), strides, (ho, wo)):
+    term = lax.dot_general(window.reshape(b, ho, wo, groups, group_in), kernel[i, j],
+                           (((4,), (0,)), ((3,), (1,))), precision=precision,
+                           preferred_element_type=acc)
+    out = term if out is None else out + term
+  out = jnp.moveaxis(out, 0, 3).reshape(b, ho, wo, out_channels)
+  return out.astype(preferred_element_type or lhs.dtype)
+
+
 def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
                    pads: Sequence[tuple[int, int]], precision: Any,
                    preferred_element_type: Any) -> jax.Array:
@@ -175,8 +205,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   """Drop-in `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, fast on CPU.
 
   On CPU, a depthwise convolution (feature_group_count == channels, one kernel per channel) is
-  computed as shifted multiply-adds and a 1x1 convolution as a dot_general; both compute the same
-  function (up to float rounding order). Every other convolution, and every convolution on GPU and
+  computed as shifted multiply-adds, a grouped one (1 < feature_group_count < channels) as
+  group-batched matrix products per kernel offset, and a 1x1 convolution as a dot_general; all
+  compute the same function (up to float rounding order). Every other convolution, and every convolution on GPU and
   TPU, is the native one: the choice is made by `lax.platform_dependent`, which lowers only the
   branch of the platform being compiled for, so the GPU program is unchanged.
   """
@@ -196,6 +227,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                             preferred_element_type=preferred_element_type)
   elif feature_group_count == 1 and rhs.shape[:2] == (1, 1):
     cpu = functools.partial(_pointwise_dot, strides=strides, pads=pads, precision=precision,
+                            preferred_element_type=preferred_element_type)
+  elif 1 < feature_group_count < channels and rhs.shape[2] * feature_group_count == channels:
+    cpu = functools.partial(_grouped_taps, strides=strides, pads=pads,
+                            groups=feature_group_count, precision=precision,
                             preferred_element_type=preferred_element_type)
   else:
     return native(lhs, rhs)
