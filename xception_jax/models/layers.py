@@ -20,7 +20,7 @@ and the weight gradient of 1x1 convolutions far below the machine's rate; the re
 multiply-adds, group-batched matrix products, a matrix product over channels) cut the Xception
 training step's CPU time (batch 32, 71x71) from about 4900 to about 1800 ms per step, from 0.96x
 to 2.7x Keras 3's speed (BENCHMARKS.md, section 3), and the intermediate segment counts' steps
-by 5-40x (section 2).
+by 4-31x (section 2b).
 Max pooling stays native on every platform: two cheaper-in-isolation backward forms made the
 full step slower (same section). Parameters keep their shapes and names, so Keras weights and
 checkpoints load unchanged.
@@ -160,7 +160,7 @@ def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   XLA:CPU runs a convolution with 1 < feature_group_count < channels (the spectrum's
   intermediate segment counts) far below the rate of the same work as batched matrix products:
   the Xception training step at 8 segments took 20x the regular-conv step, rising with the
-  segment count (BENCHMARKS.md, section 2). Accumulates in float32, returns the input dtype.
+  segment count (BENCHMARKS.md, section 2b). Accumulates in float32, returns the input dtype.
   """
   kh, kw, group_in, out_channels = rhs.shape
   d = out_channels // groups
