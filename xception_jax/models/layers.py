@@ -207,9 +207,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   On CPU, a depthwise convolution (feature_group_count == channels, one kernel per channel) is
   computed as shifted multiply-adds, a grouped one (1 < feature_group_count < channels) as
   group-batched matrix products per kernel offset, and a 1x1 convolution as a dot_general; all
-  compute the same function (up to float rounding order). Every other convolution, and every convolution on GPU and
-  TPU, is the native one: the choice is made by `lax.platform_dependent`, which lowers only the
-  branch of the platform being compiled for, so the GPU program is unchanged.
+  compute the same function (up to float rounding order). Every other convolution, and every
+  convolution on GPU and TPU, is the native one: the choice is made by `lax.platform_dependent`,
+  which lowers only the branch of the platform being compiled for, so the GPU program is
+  unchanged.
   """
   native = functools.partial(
       lax.conv_general_dilated, window_strides=window_strides, padding=padding,
