@@ -67,7 +67,34 @@ CONVS = [
     ((2, 7, 7, 8), (3, 3, 2, 8), (1, 1), "SAME", 4),    # grouped: the spectrum's middle
     ((2, 8, 6, 12), (3, 3, 6, 12), (1, 1), "SAME", 2),
     ((2, 8, 7, 8), (3, 3, 4, 8), (2, 2), "SAME", 2),
+    # Narrow groups merged into block-diagonal ones: 20 groups of 4 -> 4 blocks of 20 (also
+    # strided), 16 groups of 4 in / 2 out -> 2 blocks; and 2 groups of 48, too wide to merge.
+    ((1, 5, 5, 80), (3, 3, 4, 80), (1, 1), "SAME", 20),
+    ((1, 6, 5, 80), (3, 3, 4, 80), (2, 2), "SAME", 20),
+    ((1, 5, 5, 64), (3, 3, 4, 32), (1, 1), "SAME", 16),
+    ((1, 5, 5, 96), (3, 3, 48, 96), (1, 1), "SAME", 2),
 ]
+
+
+@pytest.mark.parametrize("w_shape,groups,merged", [
+    ((3, 3, 4, 80), 20, (4, (3, 3, 20, 80))),    # k = 5: the largest divisor of 20 with 4k <= 32
+    ((3, 3, 4, 32), 16, (2, (3, 3, 32, 32))),
+    ((3, 3, 2, 256), 128, (8, (3, 3, 32, 256))),
+    ((3, 3, 48, 96), 2, (2, (3, 3, 48, 96))),    # already wide: unchanged
+])
+def test_narrow_groups_merge_into_block_diagonal_kernels(w_shape, groups, merged):
+  w = _normal(0, w_shape)
+  kernel, blocks = layers._merged_groups(w, groups)
+  assert (blocks, kernel.shape) == merged
+  # Block g of the merged kernel holds its k original groups on the diagonal, zeros elsewhere.
+  k, group_in, d = groups // blocks, w_shape[2], w_shape[3] // groups
+  for g in (0, groups - 1):
+    block, a = divmod(g, k)
+    rows = slice(a * group_in, (a + 1) * group_in)
+    cols = slice(g * d, (g + 1) * d)
+    np.testing.assert_array_equal(kernel[:, :, rows, cols], w[:, :, :, cols])
+    assert float(jnp.abs(kernel[:, :, rows, block * k * d:(block + 1) * k * d]).sum()) == \
+        pytest.approx(float(jnp.abs(w[:, :, :, cols]).sum()))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])

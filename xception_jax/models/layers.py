@@ -151,6 +151,33 @@ def _depthwise_shifted(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   return out.astype(preferred_element_type or lhs.dtype)
 
 
+# Narrowest group the CPU grouped conv computes as is: narrower groups are merged into blocks of
+# about this many channels (see `_merged_groups`).
+_MIN_BLOCK_CHANNELS = 32
+
+
+def _merged_groups(rhs: jax.Array, groups: int) -> tuple[jax.Array, int]:
+  """The same grouped conv with k adjacent groups merged into one block-diagonal group.
+
+  A group of 2 to 16 channels is a matrix product too small to run well on CPU: at 64 segments
+  the 2-channel groups of Xception's 71x71 entry layer took 7x the depthwise layer's time. Merging
+  k groups multiplies the arithmetic by k (the off-diagonal blocks are zeros) but runs it at the
+  rate of a 32-channel product, which is faster up to k = 16 (BENCHMARKS.md, section 2b). k is the
+  largest divisor of `groups` that keeps blocks within `_MIN_BLOCK_CHANNELS` input channels. The
+  zero blocks are built from the kernel, so their gradients are dropped: the function and its
+  derivatives are those of the original grouped conv.
+  """
+  kh, kw, group_in, out_channels = rhs.shape
+  k = max(k for k in range(1, groups + 1)
+          if groups % k == 0 and k * group_in <= max(_MIN_BLOCK_CHANNELS, group_in))
+  if k == 1:
+    return rhs, groups
+  d = out_channels // groups
+  kernel = rhs.reshape(kh, kw, group_in, groups // k, k, d)
+  block_diagonal = jnp.einsum("hwigao,ab->hwaigbo", kernel, jnp.eye(k, dtype=rhs.dtype))
+  return block_diagonal.reshape(kh, kw, k * group_in, out_channels), groups // k
+
+
 def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
                   pads: Sequence[tuple[int, int]], groups: int, precision: Any,
                   preferred_element_type: Any) -> jax.Array:
@@ -160,8 +187,10 @@ def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   XLA:CPU runs a convolution with 1 < feature_group_count < channels (the spectrum's
   intermediate segment counts) far below the rate of the same work as batched matrix products:
   the Xception training step at 8 segments took 20x the regular-conv step, rising with the
-  segment count (BENCHMARKS.md, section 2b). Accumulates in float32, returns the input dtype.
+  segment count (BENCHMARKS.md, section 2b). Groups narrower than `_MIN_BLOCK_CHANNELS` are
+  merged first (`_merged_groups`). Accumulates in float32, returns the input dtype.
   """
+  rhs, groups = _merged_groups(rhs, groups)
   kh, kw, group_in, out_channels = rhs.shape
   d = out_channels // groups
   xp = _pad_nhwc(lhs, 0, pads)
