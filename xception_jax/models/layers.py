@@ -151,8 +151,8 @@ def _depthwise_shifted(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   return out.astype(preferred_element_type or lhs.dtype)
 
 
-# Narrowest group the CPU grouped conv computes as is: narrower groups are merged into blocks of
-# about this many channels (see `_merged_groups`).
+# On CPU, groups narrower than this are merged into block-diagonal groups of at most this many
+# input channels (`_merged_groups`); wider groups are computed as they are.
 _MIN_BLOCK_CHANNELS = 32
 
 
@@ -168,8 +168,8 @@ def _merged_groups(rhs: jax.Array, groups: int) -> tuple[jax.Array, int]:
   derivatives are those of the original grouped conv.
   """
   kh, kw, group_in, out_channels = rhs.shape
-  k = max(k for k in range(1, groups + 1)
-          if groups % k == 0 and k * group_in <= max(_MIN_BLOCK_CHANNELS, group_in))
+  k = max(n for n in range(1, groups + 1)
+          if groups % n == 0 and n * group_in <= max(_MIN_BLOCK_CHANNELS, group_in))
   if k == 1:
     return rhs, groups
   d = out_channels // groups
@@ -235,7 +235,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
   On CPU, a depthwise convolution (feature_group_count == channels, one kernel per channel) is
   computed as shifted multiply-adds, a grouped one (1 < feature_group_count < channels) as
-  group-batched matrix products per kernel offset, and a 1x1 convolution as a dot_general; all
+  group-batched matrix products per kernel offset (narrow groups merged first), and a 1x1 convolution as a dot_general; all
   compute the same function (up to float rounding order). Every other convolution, and every
   convolution on GPU and TPU, is the native one: the choice is made by `lax.platform_dependent`,
   which lowers only the branch of the platform being compiled for, so the GPU program is
