@@ -272,5 +272,5 @@ class InceptionV3(nn.Module):
 
 # A narrow variant for tests and CPU smoke runs: same depth and layer graph, 1/8 of the channels
 # (~0.35 M parameters). Its compile times on CPU, and why tests use `jax.eval_shape(model.init)`
-# rather than a compiled `init`: BENCHMARKS.md, section 3.
+# rather than a compiled `init`: BENCHMARKS.md, section 3b.
 inception_v3_tiny = functools.partial(InceptionV3, width_multiplier=0.125)
