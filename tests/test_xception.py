@@ -268,6 +268,15 @@ def test_registry_names_and_errors():
   assert model.architecture().num_middle_blocks == 2 and hash(model) == hash(model.clone())
 
 
+def test_validation_does_not_depend_on_what_was_cached():
+  """1 == True: a cache keyed on the raw settings would let residual=1 through after residual=True."""
+  models.create("xception_tiny", residual=True, segments=1)
+  with pytest.raises(ValueError, match="residual must be True or False, got 1"):
+    models.create("xception_tiny", residual=1, segments=1)
+  with pytest.raises(ValueError, match="segments=True is not valid"):
+    models.create("xception_tiny", segments=True)
+
+
 @pytest.mark.parametrize("setting", [dict(segments=1), dict(segments=4), dict(group_width=16),
                                      dict(segments={"entry": 2, "middle": 7}),
                                      dict(segments=2, order="pointwise_first")])

@@ -128,7 +128,7 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
 def _target(settings: xception_arch.Settings, budget: Any) -> int:
   """The parameter count a budget setting asks for."""
   if isinstance(budget, str) and budget == "params":
-    depthwise = dataclasses.replace(settings, rules=xception_arch.segment_rules())
+    depthwise = dataclasses.replace(settings, rules=tuple(xception_arch.segment_rules().items()))
     return xception_costs.xception_param_counts(depthwise.architecture())[0]
   if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0 and (
       float(budget).is_integer()):  # configs may spell 20M as 2e7
@@ -153,7 +153,7 @@ def fit_budget(settings: xception_arch.Settings,
   quanta = {slot: xception_arch.WIDTH_QUANTUM for slot in xception_arch.WIDTH_SLOTS}
   for layer in xception_arch.separable_layers(settings.num_middle_blocks):
     slot = layer.spatial_slot(settings.order)
-    quanta[slot] = math.lcm(quanta[slot], xception_arch.rule_quantum(settings.rules[layer.flow]))
+    quanta[slot] = math.lcm(quanta[slot], xception_arch.rule_quantum(settings.rule(layer.flow)))
   solution = solve_widths(
       base_widths=settings.base_widths,
       quanta=tuple(quanta[s] for s in xception_arch.WIDTH_SLOTS), target=target,

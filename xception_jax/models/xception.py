@@ -40,14 +40,8 @@ def _freeze(value: Any) -> Any:
   return value
 
 
-@functools.lru_cache(maxsize=256)
-def _resolve_cached(segments, group_width, order, width_multiplier, num_middle_blocks, widths,
-                    budget, num_classes, fc_layers,
-                    residual) -> xception_arch.XceptionArchitecture:
-  settings = xception_arch.validate_settings(
-      segments=segments, group_width=group_width, order=order, width_multiplier=width_multiplier,
-      num_middle_blocks=num_middle_blocks, widths=widths, num_classes=num_classes,
-      fc_layers=fc_layers, residual=residual)
+@functools.lru_cache(maxsize=256, typed=True)
+def _resolve(settings: xception_arch.Settings, budget: Any) -> xception_arch.XceptionArchitecture:
   if budget is None:
     return settings.architecture()
   return budget_lib.fit_budget(settings, budget)
@@ -60,12 +54,17 @@ def resolve_architecture(*, segments: Any = None, group_width: Any = None,
                          residual: bool = True) -> xception_arch.XceptionArchitecture:
   """Validates the shape-determining settings and resolves widths and per-layer segment counts.
 
-  Raises ValueError naming the offending setting or layer. Results are cached: the module calls
-  this at construction and again when traced.
+  Raises ValueError naming the offending setting or layer. The settings are checked on every call
+  (cheap); the resolution is cached on the validated settings, because the module calls this at
+  construction and again when traced, and a budget search walks the network hundreds of times.
+  Caching after validation keeps a value that compares equal to a valid one (residual=1 after
+  residual=True) from being let through by the cache.
   """
-  return _resolve_cached(_freeze(segments), _freeze(group_width), order, width_multiplier,
-                         num_middle_blocks, _freeze(widths), budget, num_classes,
-                         _freeze(tuple(fc_layers or ())), residual)
+  settings = xception_arch.validate_settings(
+      segments=segments, group_width=group_width, order=order, width_multiplier=width_multiplier,
+      num_middle_blocks=num_middle_blocks, widths=widths, num_classes=num_classes,
+      fc_layers=fc_layers, residual=residual)
+  return _resolve(settings, budget)
 
 
 # --- The module --------------------------------------------------------------------------------

@@ -243,16 +243,19 @@ class Settings:
 
   Attributes:
     base_widths: widths per slot after `widths` and `width_multiplier`.
-    rules: segment rule per flow.
+    rules: (flow, segment rule) per flow; a tuple, so that settings can key a cache.
     The others as in `XceptionArchitecture`.
   """
   base_widths: tuple[int, ...]
-  rules: Mapping[str, SegmentRule]
+  rules: tuple[tuple[str, SegmentRule], ...]
   num_middle_blocks: int
   order: str
   residual: bool
   num_classes: int
   fc_layers: tuple[int, ...]
+
+  def rule(self, flow: str) -> SegmentRule:
+    return dict(self.rules)[flow]
 
   def architecture(self, widths: Sequence[int] | None = None,
                    budget_target: int | None = None) -> XceptionArchitecture:
@@ -268,7 +271,7 @@ class Settings:
     failures: dict[tuple[SegmentRule, int], list[str]] = {}  # (rule, channels) -> layer names
     for layer in separable_layers(self.num_middle_blocks):
       channels = by_slot[layer.spatial_slot(self.order)]
-      rule = self.rules[layer.flow]
+      rule = self.rule(layer.flow)
       count = segments_for(rule, channels)
       if count is None:
         failures.setdefault((rule, channels), []).append(layer.name)
@@ -332,7 +335,7 @@ def validate_settings(*, segments: Any = None, group_width: Any = None,
   """
   if order not in layers.ORDERS:
     raise ValueError(f"Unknown order {order!r}; valid: {list(layers.ORDERS)}")
-  rules = segment_rules(segments, group_width)
+  rules = tuple(segment_rules(segments, group_width).items())
   num_middle_blocks = _check_int("num_middle_blocks", num_middle_blocks, 0)
   num_classes = 0 if num_classes is None else _check_int("num_classes", num_classes, 0)
   fc_layers = tuple(_check_int(f"fc_layers[{i}]", f, 1) for i, f in enumerate(fc_layers or ()))
