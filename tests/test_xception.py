@@ -269,7 +269,7 @@ def test_registry_names_and_errors():
 
 
 def test_validation_does_not_depend_on_what_was_cached():
-  """1 == True: a cache keyed on the raw settings would let residual=1 through after residual=True."""
+  """1 == True: a cache keyed on raw settings let residual=1 through after residual=True."""
   models.create("xception_tiny", residual=True, segments=1)
   with pytest.raises(ValueError, match="residual must be True or False, got 1"):
     models.create("xception_tiny", residual=1, segments=1)

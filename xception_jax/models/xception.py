@@ -88,7 +88,8 @@ class Xception(nn.Module):
     dropout_rate: dropout before the classifier (0.5 in the paper's ImageNet recipe).
     width_multiplier: scales every width (rounded to multiples of 8) unless it is 1.0.
     num_middle_blocks: middle-flow repetitions (8 in the paper).
-    widths: explicit widths for the 8 slots of xception_arch.WIDTH_SLOTS (tuple, or dict of overrides).
+    widths: explicit widths for the 8 slots of xception_arch.WIDTH_SLOTS (tuple, or dict of
+      overrides).
     budget: None, "params" (pick widths so the parameter count is within +-1% of this
       configuration's depthwise Xception), or an int target parameter count.
     dtype: compute dtype ("float32" | "bfloat16" or a jnp dtype). Parameters and batch

@@ -341,5 +341,6 @@ def validate_settings(*, segments: Any = None, group_width: Any = None,
   fc_layers = tuple(_check_int(f"fc_layers[{i}]", f, 1) for i, f in enumerate(fc_layers or ()))
   if not isinstance(residual, bool):
     raise ValueError(f"residual must be True or False, got {residual!r}")
-  return Settings(_base_widths(widths, width_multiplier), rules, num_middle_blocks=num_middle_blocks,
-                  order=order, residual=residual, num_classes=num_classes, fc_layers=fc_layers)
+  return Settings(_base_widths(widths, width_multiplier), rules,
+                  num_middle_blocks=num_middle_blocks, order=order, residual=residual,
+                  num_classes=num_classes, fc_layers=fc_layers)
