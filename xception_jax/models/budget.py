@@ -10,7 +10,7 @@ steps straddle the tolerance band, single widths (or pairs, one up and one down)
 multiple, greedily, until the count fits. The result reports the widths and the achieved ratio.
 
 `solve_widths` is generic over the network: it sees only base widths, their quanta and a
-parameter-count function. `fit_budget` applies it to Xception's validated settings, counting
+parameter-count function. `fit_budget` applies it to an `XceptionArchitecture`, counting
 parameters with the analytic `xception_costs.xception_param_counts` (microseconds per call).
 """
 from __future__ import annotations
@@ -125,11 +125,11 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
   return BudgetSolution(widths=best, params=params(best), target=target, quanta=tuple(quanta))
 
 
-def _target(settings: xception_arch.Settings, budget: Any) -> int:
+def _target(arch: xception_arch.XceptionArchitecture, budget: Any) -> int:
   """The parameter count a budget setting asks for."""
   if isinstance(budget, str) and budget == "params":
-    depthwise = dataclasses.replace(settings, rules=tuple(xception_arch.segment_rules().items()))
-    return xception_costs.xception_param_counts(depthwise.architecture())[0]
+    depthwise = dataclasses.replace(arch, rules=tuple(xception_arch.segment_rules().items()))
+    return xception_costs.xception_param_counts(depthwise)[0]
   if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0 and (
       float(budget).is_integer()):  # configs may spell 20M as 2e7
     return int(budget)
@@ -137,26 +137,29 @@ def _target(settings: xception_arch.Settings, budget: Any) -> int:
                    f"settings) or a positive int parameter count, got {budget!r}")
 
 
-def fit_budget(settings: xception_arch.Settings,
+def fit_budget(arch: xception_arch.XceptionArchitecture,
                budget: Any) -> xception_arch.XceptionArchitecture:
-  """Xception at the widths (multiples of 8 and of each layer's segment rule) nearest the budget.
+  """`arch` at the widths (multiples of 8 and of each layer's segment rule) nearest the budget.
 
   Args:
-    settings: the validated settings; their base widths give the proportions to keep.
+    arch: the architecture from the validated settings; its widths give the proportions to keep.
     budget: "params" (the parameter count of depthwise Xception at these settings) or a positive
       int parameter count.
 
   Raises:
     ValueError: an invalid budget, or no widths on the allowed grid within the tolerance.
   """
-  target = _target(settings, budget)
+  target = _target(arch, budget)
   quanta = {slot: xception_arch.WIDTH_QUANTUM for slot in xception_arch.WIDTH_SLOTS}
-  for layer in xception_arch.separable_layers(settings.num_middle_blocks):
-    slot = layer.spatial_slot(settings.order)
-    quanta[slot] = math.lcm(quanta[slot], xception_arch.rule_quantum(settings.rule(layer.flow)))
+  for layer in xception_arch.separable_layers(arch.num_middle_blocks):
+    slot = layer.spatial_slot(arch.order)
+    quanta[slot] = math.lcm(quanta[slot], xception_arch.rule_quantum(arch.rule(layer.flow)))
+
+  def at(widths: tuple[int, ...]) -> xception_arch.XceptionArchitecture:
+    return dataclasses.replace(arch, widths=widths, budget_target=target)
+
   solution = solve_widths(
-      base_widths=settings.base_widths,
-      quanta=tuple(quanta[s] for s in xception_arch.WIDTH_SLOTS), target=target,
-      count_params=lambda w: xception_costs.xception_param_counts(settings.architecture(w))[0],
+      base_widths=arch.widths, quanta=tuple(quanta[s] for s in xception_arch.WIDTH_SLOTS),
+      target=target, count_params=lambda w: xception_costs.xception_param_counts(at(w))[0],
       slot_names=xception_arch.WIDTH_SLOTS)
-  return settings.architecture(solution.widths, budget_target=target)
+  return at(solution.widths).validated()

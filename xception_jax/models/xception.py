@@ -41,10 +41,9 @@ def _freeze(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=256, typed=True)
-def _resolve(settings: xception_arch.Settings, budget: Any) -> xception_arch.XceptionArchitecture:
-  if budget is None:
-    return settings.architecture()
-  return budget_lib.fit_budget(settings, budget)
+def _resolve(arch: xception_arch.XceptionArchitecture,
+             budget: Any) -> xception_arch.XceptionArchitecture:
+  return arch.validated() if budget is None else budget_lib.fit_budget(arch, budget)
 
 
 def resolve_architecture(*, segments: Any = None, group_width: Any = None,
@@ -55,16 +54,16 @@ def resolve_architecture(*, segments: Any = None, group_width: Any = None,
   """Validates the shape-determining settings and resolves widths and per-layer segment counts.
 
   Raises ValueError naming the offending setting or layer. The settings are checked on every call
-  (cheap); the resolution is cached on the validated settings, because the module calls this at
+  (cheap); the resolution is cached on their normalised form, because the module calls this at
   construction and again when traced, and a budget search walks the network hundreds of times.
   Caching after validation keeps a value that compares equal to a valid one (residual=1 after
   residual=True) from being let through by the cache.
   """
-  settings = xception_arch.validate_settings(
+  arch = xception_arch.validate_settings(
       segments=segments, group_width=group_width, order=order, width_multiplier=width_multiplier,
       num_middle_blocks=num_middle_blocks, widths=widths, num_classes=num_classes,
       fc_layers=fc_layers, residual=residual)
-  return _resolve(settings, budget)
+  return _resolve(arch, budget)
 
 
 # --- The module --------------------------------------------------------------------------------

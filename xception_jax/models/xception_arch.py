@@ -7,11 +7,10 @@ layer walks this one description: the Flax module (`xception.Xception`), the ana
 (`xception_costs`), the budget solver (`budget`) and the Keras weight importer
 (`xception_jax.convert`). A change to the network is a change here.
 
-Layers are described in terms of width slots (`WIDTH_SLOTS`), not channel counts: the settings
-(`validate_settings`) choose a width per slot and a segment rule per flow, and
-`Settings.architecture` resolves them into an `XceptionArchitecture` (the width of each slot and the
-segment count of every separable layer), or raises ValueError naming the layer, its channel count
-and the valid choices.
+Layers are described in terms of width slots (`WIDTH_SLOTS`), not channel counts. The settings,
+checked by `validate_settings`, give an `XceptionArchitecture`: a width per slot and a segment rule
+per flow, from which it resolves the segment count of every separable layer, or raises ValueError
+naming the layer, its channel count and the valid choices.
 
 Names mirror the Keras layer names (block2_sepconv1, block2_sepconv1_bn, ...) so that Keras
 weights map onto them; Keras's auto-named 1x1 shortcut convs are called `block{i}_shortcut` /
@@ -201,20 +200,25 @@ def valid_uniform_segments(widths: Sequence[int], order: str = "depthwise_first"
 
 @dataclasses.dataclass(frozen=True)
 class XceptionArchitecture:
-  """Everything the network's shape depends on, resolved and validated.
+  """Everything the network's shape depends on.
 
   Attributes:
     widths: channel width per WIDTH_SLOTS entry.
-    layer_segments: (separable layer name, segment count of its spatial conv), in network order.
+    rules: (flow, segment rule) per flow, from `segment_rules`; a tuple, so that an architecture
+      can key a cache.
     num_middle_blocks: middle-flow repetitions.
     order: "depthwise_first" | "pointwise_first".
     residual: whether the blocks have shortcuts (1x1 strided convs + BN in entry/exit blocks).
     num_classes: classifier outputs; 0 = headless.
     fc_layers: widths of the fully connected ReLU layers before the classifier.
     budget_target: the parameter count the budget solver aimed at (None without a budget).
+
+  The segment count of each layer follows from the rules at these widths (`layer_segments`), which
+  raises ValueError where a rule does not divide a layer's channels: an architecture is valid once
+  `validated()` has returned it, and the module only ever gets validated ones.
   """
   widths: tuple[int, ...]
-  layer_segments: tuple[tuple[str, int], ...]
+  rules: tuple[tuple[str, SegmentRule], ...]
   num_middle_blocks: int
   order: str
   residual: bool
@@ -225,48 +229,18 @@ class XceptionArchitecture:
   def width(self, slot: str) -> int:
     return self.widths[WIDTH_SLOTS.index(slot)]
 
-  def segments(self, layer: str) -> int:
-    return dict(self.layer_segments)[layer]
-
-  def shortcut(self, block: Block) -> str | None:
-    """The block's shortcut in this network: None everywhere when residual is off."""
-    return block.shortcut if self.residual else None
-
-  @property
-  def widths_by_slot(self) -> dict[str, int]:
-    return dict(zip(WIDTH_SLOTS, self.widths))
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Validated shape settings: everything but the final widths (which a budget may re-choose).
-
-  Attributes:
-    base_widths: widths per slot after `widths` and `width_multiplier`.
-    rules: (flow, segment rule) per flow; a tuple, so that settings can key a cache.
-    The others as in `XceptionArchitecture`.
-  """
-  base_widths: tuple[int, ...]
-  rules: tuple[tuple[str, SegmentRule], ...]
-  num_middle_blocks: int
-  order: str
-  residual: bool
-  num_classes: int
-  fc_layers: tuple[int, ...]
-
   def rule(self, flow: str) -> SegmentRule:
     return dict(self.rules)[flow]
 
-  def architecture(self, widths: Sequence[int] | None = None,
-                   budget_target: int | None = None) -> XceptionArchitecture:
-    """The architecture at `widths` (default: the base widths).
+  @functools.cached_property
+  def layer_segments(self) -> tuple[tuple[str, int], ...]:
+    """(separable layer name, segment count of its spatial conv), in network order.
 
     Raises:
       ValueError: a segment rule does not divide a layer's spatial channels (naming the layer, its
         channels, the counts valid for it and those valid for every layer).
     """
-    widths = tuple(self.base_widths if widths is None else widths)
-    by_slot = dict(zip(WIDTH_SLOTS, widths))
+    by_slot = self.widths_by_slot
     resolved = []
     failures: dict[tuple[SegmentRule, int], list[str]] = {}  # (rule, channels) -> layer names
     for layer in separable_layers(self.num_middle_blocks):
@@ -283,16 +257,29 @@ class Settings:
         errors.append(f"{_describe_rule(rule)} does not divide the {channels} channels of the "
                       f"spatial conv of layer {names[0]}{others}; valid segment counts for "
                       f"{channels} channels: {', '.join(map(str, layers.divisors(channels)))}")
-      uniform = valid_uniform_segments(widths, self.order, self.num_middle_blocks)
+      uniform = valid_uniform_segments(self.widths, self.order, self.num_middle_blocks)
       raise ValueError(
           "Invalid segment setting: " + "; ".join(errors) +
           f". Segment counts valid for every layer at these widths: {uniform} or 'depthwise'; "
           "a per-flow dict {'entry': .., 'middle': .., 'exit': ..} or budget='params' (widths "
           "chosen to fit) are the alternatives.")
-    return XceptionArchitecture(
-        widths, tuple(resolved), num_middle_blocks=self.num_middle_blocks, order=self.order,
-        residual=self.residual, num_classes=self.num_classes, fc_layers=self.fc_layers,
-        budget_target=budget_target)
+    return tuple(resolved)
+
+  def validated(self) -> XceptionArchitecture:
+    """This architecture, once its segment rules are known to divide every layer (see above)."""
+    _ = self.layer_segments
+    return self
+
+  def segments(self, layer: str) -> int:
+    return dict(self.layer_segments)[layer]
+
+  def shortcut(self, block: Block) -> str | None:
+    """The block's shortcut in this network: None everywhere when residual is off."""
+    return block.shortcut if self.residual else None
+
+  @property
+  def widths_by_slot(self) -> dict[str, int]:
+    return dict(zip(WIDTH_SLOTS, self.widths))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -327,11 +314,11 @@ def validate_settings(*, segments: Any = None, group_width: Any = None,
                       order: str = "depthwise_first", width_multiplier: float = 1.0,
                       num_middle_blocks: int = 8, widths: Any = None,
                       num_classes: int | None = 1000, fc_layers: Sequence[int] = (),
-                      residual: bool = True) -> Settings:
+                      residual: bool = True) -> XceptionArchitecture:
   """Checks the shape-determining settings (all but the budget), naming the one at fault.
 
-  Whether the segment rules divide every layer depends on the final widths: that is checked when
-  `Settings.architecture` is asked for them.
+  Returns the architecture at the settings' widths. Whether its segment rules divide every layer
+  depends on the final widths (a budget re-chooses them): `XceptionArchitecture.validated` checks.
   """
   if order not in layers.ORDERS:
     raise ValueError(f"Unknown order {order!r}; valid: {list(layers.ORDERS)}")
@@ -341,6 +328,6 @@ def validate_settings(*, segments: Any = None, group_width: Any = None,
   fc_layers = tuple(_check_int(f"fc_layers[{i}]", f, 1) for i, f in enumerate(fc_layers or ()))
   if not isinstance(residual, bool):
     raise ValueError(f"residual must be True or False, got {residual!r}")
-  return Settings(_base_widths(widths, width_multiplier), rules,
-                  num_middle_blocks=num_middle_blocks, order=order, residual=residual,
-                  num_classes=num_classes, fc_layers=fc_layers)
+  return XceptionArchitecture(_base_widths(widths, width_multiplier), rules,
+                              num_middle_blocks=num_middle_blocks, order=order,
+                              residual=residual, num_classes=num_classes, fc_layers=fc_layers)
