@@ -13,8 +13,8 @@ session's counter stands). Keras stores a functional model's layers sorted by de
 to the output, deepest first), ties broken by the order a depth-first walk back from the output
 meets them; that is neither creation order nor ours. For Inception V3 we rebuild the Keras layer
 graph from the module's own description (`inception_v3.STEM` / `BLOCKS`) and sort it the same way;
-for Xception the order is short enough to write down (each block's shortcut conv comes after its
-main path, being closer to the output).
+for Xception we walk its description (`xception_arch.STEM` / `blocks`), putting each block's
+shortcut conv after its main path (being closer to the output).
 
 Layouts: Keras depthwise kernels are (3, 3, C, 1); our depthwise (grouped, C segments) kernels are
 (3, 3, 1, C). Everything else has the same layout. Inception V3's batch norms have no scale.
@@ -43,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax.models import head
 from xception_jax.models import inception_v3 as inception_v3_lib
 from xception_jax.models import xception as xception_lib
+from xception_jax.models import xception_arch
 
 # Where one Keras weight goes in our variables: (collection, path inside it).
 LeafPath = tuple[str, tuple[str, ...]]
@@ -237,45 +239,30 @@ def _inception_v3_body() -> list[_Target]:
 def _xception_body(model: xception_lib.Xception) -> list[_Target]:
   """Xception's layers in the order Keras stores them.
 
-  Within a block Keras lists the main path before the 1x1 shortcut conv and its BN: the shortcut
-  is the shorter path to the block's output, so it is shallower.
+  That is the order of the network's description, except that within a block Keras lists the main
+  path before the 1x1 shortcut conv and its BN: the shortcut is the shorter path to the block's
+  output, so it is shallower.
   """
   arch = model.architecture()
-  blocks = xception_lib.block_names(arch.num_middle_blocks)
+  bn = xception_arch.bn_name
   targets = []
-  for conv in ("block1_conv1", "block1_conv2"):
-    targets += [_conv((conv,)), _batch_norm((f"{conv}_bn",))]
-
-  def separable_bn(name: str) -> None:
-    targets.extend([_separable(name), _batch_norm((f"{name}_bn",))])
-
-  def shortcut(block: str) -> None:
-    if arch.residual:
-      targets.extend([_conv((f"{block}_shortcut",)), _batch_norm((f"{block}_shortcut_bn",))])
-
-  for block in blocks["entry"]:
-    separable_bn(f"{block}_sepconv1")
-    separable_bn(f"{block}_sepconv2")
-    shortcut(block)
-  for block in blocks["middle"]:
-    for j in (1, 2, 3):
-      separable_bn(f"{block}_sepconv{j}")
-  block13, block14 = blocks["exit"]
-  separable_bn(f"{block13}_sepconv1")
-  separable_bn(f"{block13}_sepconv2")
-  shortcut(block13)
-  separable_bn(f"{block14}_sepconv1")
-  separable_bn(f"{block14}_sepconv2")
+  for conv in xception_arch.STEM:
+    targets += [_conv((conv.name,)), _batch_norm((bn(conv.name),))]
+  for block in xception_arch.blocks(arch.num_middle_blocks):
+    for layer in block.layers:
+      targets += [_separable(layer.name), _batch_norm((bn(layer.name),))]
+    if arch.shortcut(block) == "conv":
+      targets += [_conv((block.shortcut_name,)), _batch_norm((bn(block.shortcut_name),))]
   return targets
 
 
 def _model_layout(model: nn.Module) -> tuple[str, list[_Target], int, str]:
   """(description, body targets in Keras order, minimum input size, classifier name)."""
   if isinstance(model, inception_v3_lib.InceptionV3):
-    return ("Inception V3", _inception_v3_body(), inception_v3_lib.MIN_INPUT_SIZE,
-            inception_v3_lib.CLASSIFIER_NAME)
+    return ("Inception V3", _inception_v3_body(), inception_v3_lib.MIN_IMAGE_SIZE,
+            head.CLASSIFIER_NAME)
   if isinstance(model, xception_lib.Xception):
-    return "Xception", _xception_body(model), xception_lib.MIN_IMAGE_SIZE, "predictions"
+    return "Xception", _xception_body(model), xception_arch.MIN_IMAGE_SIZE, head.CLASSIFIER_NAME
   raise TypeError(f"from_keras_h5 supports xception_jax Xception and InceptionV3 modules; got "
                   f"{type(model).__name__}")
 

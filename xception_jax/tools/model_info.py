@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 from xception_jax.models import costs
-from xception_jax.models import xception as xception_lib
+from xception_jax.models import xception_arch
 
 BUDGET_SWEEP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, "depthwise")
 
@@ -98,8 +98,8 @@ def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 2
   if candidates is None:
     if budget is None:
       arch = costs.model_cost(name, image_size, **kwargs).architecture
-      candidates = [*xception_lib.valid_uniform_segments(arch.widths, arch.order,
-                                                          arch.num_middle_blocks), "depthwise"]
+      candidates = [*xception_arch.valid_uniform_segments(arch.widths, arch.order,
+                                                           arch.num_middle_blocks), "depthwise"]
     else:
       candidates = BUDGET_SWEEP_CANDIDATES
   rows = []

@@ -174,7 +174,7 @@ def analytic_cost(config: dict[str, Any], num_classes: int | None) -> dict[str, 
   without analytic formulas (Inception V3) get None.
   """
   from xception_jax.models import costs  # pylint: disable=g-import-not-at-top  (imports JAX)
-  from xception_jax.models import xception as xception_lib  # pylint: disable=g-import-not-at-top
+  from xception_jax.models import xception_arch  # pylint: disable=g-import-not-at-top
   kwargs = dict(config.get("model") or {})
   if kwargs.get("budget") in ("", "none"):
     kwargs["budget"] = None  # configs spell "no budget" as ""
@@ -186,8 +186,9 @@ def analytic_cost(config: dict[str, Any], num_classes: int | None) -> dict[str, 
     logging.info("No analytic cost for %s: %s", config.get("model_name"), e)
     return {"macs": None, "middle_segments": None, "analytic_params": None}
   arch = cost.architecture
-  layers = xception_lib.block_names(arch.num_middle_blocks)["middle"]
-  layer = f"{layers[0]}_sepconv1" if layers else arch.layer_segments[-1][0]
+  middle = [layer.name for layer in xception_arch.separable_layers(arch.num_middle_blocks)
+            if layer.flow == "middle"]
+  layer = middle[0] if middle else arch.layer_segments[-1][0]
   return {"macs": cost.macs_total, "middle_segments": arch.segments(layer),
           "analytic_params": cost.params}
 
