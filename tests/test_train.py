@@ -77,7 +77,11 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   config.lr.warmup_epochs = 0.0
   batch = _random_batch(config)
   config.grad_accum_steps = 2
-  state_accum, _ = _one_step(config, jax.devices(), batch)
+  # One device, as the reference below: the network is piecewise smooth (max pool, ReLU), and over
+  # 8 devices the float sums run in another order, which can flip a near-tie of a max pool and
+  # reroute a gradient (on one micro-batch here, a 1e-6 relative input perturbation moves the
+  # gradient by about 1%). Sharded equals single-device is the test above.
+  state_accum, _ = _one_step(config, jax.devices()[:1], batch)
 
   # The same by hand: micro-batch i holds rows i, i+2, ... ; BN statistics per micro-batch.
   model = train.create_model(config, num_classes=10)
