@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--steps", type=int, default=5, help="steps in the trace (for ms/step)")
   p.add_argument("--json-out", default="", help="also write the summary here as JSON")
+  p.add_argument("--jsonl-out", default="",
+                 help="also append the summary to this JSON-lines file (stage 'profile')")
   args = p.parse_args(argv)
   try:
     summary = summarize(find_xplane(args.trace), args.top, args.steps)
@@ -124,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(summary, f, indent=1)
+  if args.jsonl_out:
+    with open(args.jsonl_out, "a") as f:
+      f.write(json.dumps({"stage": "profile", "trace": args.trace, **summary}) + "\n")
   print(format_table(summary), flush=True)
   return 0
 
