@@ -231,8 +231,9 @@ def tests_section(records: Sequence[dict[str, Any]]) -> str:
   lines = []
   for r in rows:
     if r["test"] == "forward_parity":
-      lines.append(f"- parity {r['model']} {r.get('settings') or ''} {r['dtype']}: max |GPU - "
-                   f"CPU fp32| = {r['error_vs_cpu_fp32']:.2e} of the largest logit "
+      model = " ".join([r["model"], *(f"{k}={v}" for k, v in (r.get("settings") or {}).items())])
+      lines.append(f"- parity {model} {r['dtype']} on {r['device']}: max |accelerator - CPU "
+                   f"fp32| = {r['error_vs_cpu_fp32']:.2e} of the largest logit "
                    f"(tolerance {r['tolerance']:g})")
     elif r["test"] == "train_steps":
       lines.append(f"- {r['model']} {r['dtype']} batch {r['batch']} at {r['image_size']}: loss "

@@ -98,7 +98,7 @@ def summarize(xplane_path: str, top: int = 15, steps: int = 5) -> dict[str, Any]
 
 def format_table(summary: dict[str, Any], name_width: int = 90) -> str:
   """A Markdown table for BENCHMARKS.md."""
-  lines = [f"{summary['kind']} time in {os.path.basename(summary['xplane'])}: "
+  lines = [f"{summary['kind']} time in {summary['xplane']}: "
            f"{summary['total_ms']:.1f} ms over {summary['steps']} steps "
            f"({', '.join(summary['planes'])})", "",
            "| # | kernel | XLA op | ms/step | share | launches |", "|---:|---|---|---:|---:|---:|"]

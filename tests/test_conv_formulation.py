@@ -78,21 +78,27 @@ def test_cuda_lowering_follows_the_table_and_the_override(monkeypatch):
   cases = {"depthwise": (depthwise, x8, w_dw), "grouped": (grouped, x80, w_g),
            "pointwise": (pointwise, x8, w_1)}
 
-  def convs(kind, platform):
+  def lowered(kind, platform):
     fn, x, w = cases[kind]
     return _lowered_ops(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)),
-                        platform, x, w).count("convolution")
+                        platform, x, w)
+
+  def convs(kind, platform):
+    return lowered(kind, platform).count("convolution")
 
   for kind in cases:  # the table today: native on CUDA, rewritten on CPU
     assert convs(kind, "cuda") > 0 and convs(kind, "cpu") == 0, kind
+  for kind in ("grouped", "pointwise"):  # the native program has no matrix product
+    assert "dot_general" not in lowered(kind, "cuda"), kind
   with layers.conv_formulation("grouped=rewritten,depthwise=native"):
-    assert convs("grouped", "cuda") == 0
+    assert convs("grouped", "cuda") == 0 and "dot_general" in lowered("grouped", "cuda")
     assert convs("depthwise", "cpu") > 0  # forced native on CPU too
     assert convs("pointwise", "cuda") > 0 and convs("pointwise", "cpu") == 0  # not forced: table
   assert convs("grouped", "cuda") > 0 and convs("depthwise", "cpu") == 0  # restored on exit
   # A table entry saying "rewritten" for CUDA rewrites there, and TPU keeps the native op.
   monkeypatch.setitem(layers.CONV_FORMULATIONS, "grouped", {"cpu": "rewritten", "cuda": "rewritten"})
-  assert convs("grouped", "cuda") == 0 and convs("grouped", "tpu") > 0
+  assert convs("grouped", "cuda") == 0 and "dot_general" in lowered("grouped", "cuda")
+  assert convs("grouped", "tpu") > 0
 
 
 def test_benchmark_flag_is_validated_and_takes_effect(tmp_path, capsys):

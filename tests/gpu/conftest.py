@@ -39,7 +39,6 @@ class Setup:
   """Where and how large: the real sizes on a GPU, toy ones for the CPU run of the logic."""
   device: Any  # the accelerator under test (jax.Device)
   reference: Any  # the CPU device the accelerator is compared with
-  toy: bool
   parity_models: tuple[tuple[str, int, dict[str, Any]], ...]  # (model, image size, settings)
   parity_batch: int
   train_model: str
@@ -64,12 +63,12 @@ def _accelerator() -> Any:
 def setup() -> Setup:
   device = _accelerator()
   if device.platform != "cpu":
-    return Setup(device=device, reference=jax.devices("cpu")[0], toy=False,
+    return Setup(device=device, reference=jax.devices("cpu")[0],
                  parity_models=(("xception", 299, {}), ("xception", 299, {"segments": 4}),
                                 ("inception_v3", 299, {})),
                  parity_batch=4, train_model="xception", train_image_size=299, train_batch=64,
                  train_steps=30, resume_steps=10, export_model=("xception", 299))
-  return Setup(device=device, reference=jax.devices("cpu")[0], toy=True,
+  return Setup(device=device, reference=jax.devices("cpu")[0],
                parity_models=(("xception_tiny", 71, {}), ("xception_tiny", 71, {"segments": 4}),
                               ("inception_v3_tiny", 75, {})),
                parity_batch=2, train_model="xception_tiny", train_image_size=71, train_batch=8,

@@ -15,8 +15,10 @@ these roundings add up through the network's depth; on the CPU the bf16 logits l
 the largest logit, Xception, batch 2 at 299x299, 2026-11-27) from the float32 ones. The GPU rounds
 at other places (cuDNN accumulates in float32 and rounds each convolution's output, XLA fuses
 differently), so its error is another draw of the same size; 2% allows four times the CPU's
-while catching a wrong layer, whose error is of the order of the logits themselves. Each
-measured error is recorded (XJ_GPU_TEST_RECORD) beside the CPU's own bf16 error.
+while catching a wrong layer, whose error is of the order of the logits themselves. (The CPU's
+bf16 errors, same set-up: Xception 5.3e-3, 4 segments 4.1e-3, Inception V3 2.6e-3; not
+recomputed here, to keep the GPU run short.) Each measured error is recorded
+(XJ_GPU_TEST_RECORD).
 """
 import functools
 
@@ -41,7 +43,7 @@ def _logits(model, variables, images, device, precision):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(name, image_size, settings_items, batch):
+def _reference(name, image_size, settings_items, batch, cpu):
   """(variables, images, float32 CPU logits at highest precision) for one model, computed once."""
   config = make_config(name, image_size, **dict(settings_items))
   config.dtype = "float32"
@@ -49,7 +51,7 @@ def _reference(name, image_size, settings_items, batch):
   variables = random_variables(model, image_size)
   images = np.random.default_rng(1).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(
       np.float32)
-  return variables, images, _logits(model, variables, images, jax.devices("cpu")[0], "highest")
+  return variables, images, _logits(model, variables, images, cpu, "highest")
 
 
 def _relative(a, b, scale):
@@ -62,7 +64,7 @@ def _relative(a, b, scale):
 def test_forward_matches_cpu(setup, record, model_index, dtype):
   name, image_size, settings = setup.parity_models[model_index]
   variables, images, reference = _reference(name, image_size, tuple(sorted(settings.items())),
-                                            setup.parity_batch)
+                                            setup.parity_batch, setup.reference)
   config = make_config(name, image_size, **settings)
   config.dtype = dtype
   model = train.create_model(config, NUM_CLASSES)
@@ -74,11 +76,6 @@ def test_forward_matches_cpu(setup, record, model_index, dtype):
   values = {"test": "forward_parity", "model": name, "settings": settings, "dtype": dtype,
             "device": setup.device.device_kind, "image_size": image_size,
             "max_abs_logit": scale, "error_vs_cpu_fp32": error}
-  if dtype == "float32":
-    record(**values, tolerance=FP32_TOLERANCE)
-    assert error <= FP32_TOLERANCE
-  else:
-    cpu_bf16 = _logits(model, variables, images, setup.reference, precision)
-    record(**values, tolerance=BF16_TOLERANCE,
-           cpu_bf16_error_vs_cpu_fp32=_relative(cpu_bf16, reference, scale))
-    assert error <= BF16_TOLERANCE
+  tolerance = FP32_TOLERANCE if dtype == "float32" else BF16_TOLERANCE
+  record(**values, tolerance=tolerance)
+  assert error <= tolerance

@@ -241,9 +241,10 @@ def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
 #     step at G = 2..32 4-33x faster; at G = 64, 1.2 s where the native run was stopped after
 #     10 minutes).
 #   cuda, all three kinds: native, because nothing has been measured on a GPU yet. The comparison
-#     is prepared: `bench/gpu_run.sh spectrum` times every G with each kind forced to the other
-#     form (`conv_formulation`, the benchmark's --conv-formulation); BENCHMARKS.md section 2 gets
-#     the numbers, and this table the winner per kind with a pointer to them.
+#     is prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to
+#     the rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
+#     (`conv_formulation`, the benchmark's --conv-formulation); BENCHMARKS.md section 2 gets the
+#     numbers, and this table the winner per kind with a pointer to them.
 # ----------------------------------------------------------------------------------------------
 
 CONV_KINDS = ("depthwise", "grouped", "pointwise")
