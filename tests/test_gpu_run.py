@@ -12,13 +12,11 @@ import subprocess
 
 import pytest
 
-import conftest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+def _load(name, folder="bench"):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, folder, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -26,6 +24,7 @@ def _load(name):
 
 gpu_report = _load("gpu_report")
 run_points = _load("run_points")
+root_conftest = _load("conftest", "tests")  # by path: tests/gpu has a conftest module too
 
 
 def _timm(model, mode, impl, images_per_sec, **extra):
@@ -96,4 +95,4 @@ def test_gpu_run_script_needs_a_plan():
                                            ("gpu and not slow", True), ("(gpu)", True),
                                            ("slow", False), ("", False)])
 def test_only_a_gpu_marker_expression_leaves_the_platform_to_jax(markexpr, gpu):
-  assert conftest._selects_gpu_tests(markexpr) == gpu
+  assert root_conftest._selects_gpu_tests(markexpr) == gpu
