@@ -121,7 +121,12 @@ def _locate(path: paths.PathLike, step: int | str | None) -> tuple[paths.Path, i
 
 
 def _best_step(directory: paths.Path, best_metric: str) -> int | None:
-  manager = create_manager(directory.parent, keep=1, best_metric=best_metric, read_only=True)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # a read-only manager warns that it is read-only
+  try:
+    manager = create_manager(directory.parent, keep=1, best_metric=best_metric, read_only=True)
+  finally:
+    logging.set_verbosity(verbosity)
   try:
     with_metrics = [s for s in manager.all_steps() if manager.metrics(s)]
     return manager.best_step() if with_metrics else None
