@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from xception_jax import paths
+from xception_jax import workdir
 
 
 # The train state is replicated (data parallelism): one replica writes each array. orbax's
@@ -99,13 +100,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
 
 def finished_steps(directory: paths.PathLike) -> list[int]:
   """The steps in a checkpoints/ folder whose save completed (renamed, or committed on gs://)."""
-  directory = paths.Path(directory)
-  if not directory.is_dir():
-    return []
   try:
-    return sorted(ocp.path.step.checkpoint_steps(directory))
-  except (FileNotFoundError, OSError):  # a step deleted while listed: list again
-    return sorted(ocp.path.step.checkpoint_steps(directory))
+    return workdir.checkpoint_steps(paths.Path(directory).parent)
+  except FileNotFoundError:  # a step deleted while listed: list again
+    return workdir.checkpoint_steps(paths.Path(directory).parent)
 
 
 def _locate(path: paths.PathLike, step: int | str | None) -> tuple[paths.Path, int | str]:

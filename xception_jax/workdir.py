@@ -56,6 +56,24 @@ class WorkdirError(ValueError):
   """The workdir cannot be used for this run (another run's, or locked); nothing was written."""
 
 
+def checkpoint_steps(workdir: paths.PathLike) -> list[int]:
+  """The finished checkpoint steps of a run, sorted; cheap (no orbax import).
+
+  orbax writes a step under a temporary name and renames it to the bare step number when
+  complete; on object stores, where nothing can be renamed, it writes into the step folder and
+  marks it complete with commit_success.txt.
+  """
+  folder = paths.resolve(workdir) / "checkpoints"
+  if not folder.is_dir():
+    return []
+  remote = paths.is_remote(folder)
+  steps = []
+  for entry in folder.iterdir():
+    if entry.name.isdigit() and (not remote or (entry / "commit_success.txt").exists()):
+      steps.append(int(entry.name))
+  return sorted(steps)
+
+
 # ----------------------------------------------------------------------------------------------
 # Identity.
 # ----------------------------------------------------------------------------------------------
