@@ -417,11 +417,14 @@ def _download(export_dir: paths.Path, local: str) -> str:
   """A local copy of a cloud export folder (export.json first, so a partial export fails early)."""
   if not (export_dir / METADATA_FILE).exists():
     return os.fspath(export_dir)  # read_metadata names what is missing
-  for path in [export_dir / METADATA_FILE] + sorted(export_dir.rglob("*")):
-    if path.is_file():
-      target = os.path.join(local, os.path.relpath(os.fspath(path), os.fspath(export_dir)))
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      path.copy(paths.Path(target), overwrite=True)
+  files, folders = [export_dir / METADATA_FILE], [export_dir]
+  while folders:  # epath refuses '**' globs on gs://
+    for path in folders.pop().iterdir():
+      (folders if path.is_dir() else files).append(path)
+  for path in files:
+    target = os.path.join(local, os.path.relpath(os.fspath(path), os.fspath(export_dir)))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    path.copy(paths.Path(target), overwrite=True)
   return local
 
 
