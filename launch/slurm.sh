@@ -154,15 +154,16 @@ export XJ_COORDINATOR
 echo \"coordinator \$XJ_COORDINATOR, \$SLURM_NTASKS processes\" >&2
 # SIGTERM (--signal=B:TERM@...) reaches this shell only: pass it on to srun, which passes it to
 # every process. The processes save the step they agree on and exit with 75 together.
+srun_pid=\"\" term=0
+trap 'term=1; echo \"SIGTERM: the processes save a checkpoint and stop\" >&2; [[ -z \"\$srun_pid\" ]] || kill -TERM \"\$srun_pid\" 2>/dev/null' TERM
 srun --kill-on-bad-exit=1 bash -c $(quote "$task_command") $(quote_all "$python" "${main_args[@]}") &
 srun_pid=\$!
-trap 'echo \"SIGTERM: the processes save a checkpoint and stop\" >&2; kill -TERM \"\$srun_pid\" 2>/dev/null' TERM
-status=0
-wait \"\$srun_pid\" || status=\$?
-while kill -0 \"\$srun_pid\" 2>/dev/null; do  # wait returned early for the trap
-  status=0
-  wait \"\$srun_pid\" || status=\$?
+((term == 0)) || kill -TERM \"\$srun_pid\" 2>/dev/null  # the signal came while srun started
+while kill -0 \"\$srun_pid\" 2>/dev/null; do  # a trap makes wait return early: wait again
+  wait \"\$srun_pid\" || true
 done
+status=0
+wait \"\$srun_pid\" || status=\$?  # bash keeps the exit status of a finished job
 "
 if ((requeue)); then
   script+="if ((status == 75)); then  # saved, resumable (xception_jax/preemption.py)

@@ -342,6 +342,46 @@ def gcs_emulator():
     gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
+def test_gs_workdir_layers(gcs_emulator):
+  """Every workdir file on gs:// (fast: no training): records, lock, checkpoints, metrics."""
+  from xception_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  workdir = f"{gcs_emulator}/layers"
+  remote = paths.makedirs(workdir)
+  config = tiny_config()
+  workdir_lib.record_config(workdir, config, resumed=False)
+  assert workdir_lib.check_identity(workdir, tiny_config(total_steps=9))
+  with pytest.raises(workdir_lib.WorkdirError, match="seed: 0 -> 1"):
+    workdir_lib.check_identity(workdir, tiny_config(seed=1))
+
+  lock = workdir_lib.WorkdirLock(workdir)
+  lock.acquire()  # written, settled, read back
+  with pytest.raises(workdir_lib.WorkdirError, match="in use by another trainer"):
+    workdir_lib.WorkdirLock(workdir).acquire()
+  lock.release()
+  assert not (remote / "lock.json").exists()
+
+  for attempt in range(2):  # a resume appends to metrics.jsonl (rewritten: objects are immutable)
+    writer = metric_writer.MetricWriter(workdir, 10, active=True)
+    writer.write(attempt + 1, {"train/loss": 1.0 / (attempt + 1)})
+    writer.close()
+  lines = (remote / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2]
+  assert len(list((remote / "tensorboard").iterdir())) == 2
+
+  for first, steps in ((1, (1, 2)), (3, (3,))):  # a second manager = a resumed run
+    manager = checkpointing.create_manager(workdir, keep=1, best_metric="eval/ema_top1")
+    for step in steps:
+      checkpointing.save(manager, step, {"w": jnp.full((4,), float(step))},
+                         {"eval/ema_top1": {1: 0.9, 2: 0.5, 3: 0.4}[step]})
+    manager.wait_until_finished()
+    manager.close()
+  assert workdir_lib.checkpoint_steps(workdir) == [1, 3]  # the best survived the resume
+  tree, step = checkpointing.read_state(workdir, "best", best_metric="eval/ema_top1")
+  assert step == 1 and np.all(tree["w"] == 1.0)
+  assert not os.path.exists("gs:")  # nothing went to a local ./gs:/ folder
+
+
+@pytest.mark.slow
 def test_gs_workdir_run_resume_and_export(gcs_emulator, tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("launch_sweep", os.path.join(REPO, "launch",
