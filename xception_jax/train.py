@@ -590,11 +590,13 @@ def _check_finite(state: TrainState, step: int, saved_step: int | None) -> None:
         "or use dtype=float32.")
 
 
-def _write_run_info(workdir: paths.Path, config, info, model, state: TrainState,
-                    per_epoch: float, num_steps: int, loss_kind: str, best_metric: str) -> None:
+def _write_run_info(workdir: paths.PathLike, config, info, model, state: TrainState,
+                    per_epoch: float, num_steps: int, loss_kind: str,
+                    best_metric: str | None = None) -> None:
   """Writes run.json: the values derived at run time, for reports and for people."""
   if jax.process_index() != 0:
     return
+  best_metric = best_metric or resolve_best_metric(config, info.multi_label)
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   run = {
       "model_name": config.model_name,
@@ -621,4 +623,4 @@ def _write_run_info(workdir: paths.Path, config, info, model, state: TrainState,
       "flax_version": flax.__version__,
       "optax_version": optax.__version__,
   }
-  paths.write_json(workdir / "run.json", run)
+  paths.write_json(paths.resolve(workdir) / "run.json", run)
