@@ -430,7 +430,7 @@ def test_two_processes_stop_at_the_same_step_after_sigterm_to_one(tmp_path):
   deadline = time.time() + 500
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
     time.sleep(0.2)
-  worker = subprocess.run(["pgrep", "-f", f"--workdir={tmp_path} .*--process_id=1"],
+  worker = subprocess.run(["pgrep", "-f", "--", f"--workdir={tmp_path} .*--process_id=1"],
                           capture_output=True, text=True).stdout.split()
   assert len(worker) == 1, worker
   os.kill(int(worker[0]), signal.SIGTERM)

@@ -44,9 +44,26 @@ def _keep_console_readable() -> None:
     return
 
   def only_ours_below_warning(record) -> bool:
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+      return False  # orbax's orphaned write tasks after a failed save: a traceback each at exit
+    if f"{os.sep}orbax{os.sep}" in record.pathname and (
+        record.levelno >= std_logging.ERROR or "tracked_metric" in str(record.msg)):
+      # A failed asynchronous save is logged with its traceback by several orbax threads (about
+      # 1,700 lines for a full disk); the same error reaches train.py, which reports it in one
+      # line. "Requested `tracked_metric`" is every save without eval metrics: expected here.
+      return False
     return record.levelno >= std_logging.WARNING or f"{os.sep}xception_jax{os.sep}" in record.pathname
 
   logging.get_absl_handler().addFilter(only_ours_below_warning)
+  previous_hook = sys.excepthook
+
+  def quiet_closed_loop(kind, value, traceback):
+    # tensorstore completing a write of a failed save after orbax closed its event loop: not an
+    # error of its own (the failure is reported), but printed with a traceback per write.
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      previous_hook(kind, value, traceback)
+
+  sys.excepthook = quiet_closed_loop
 
 
 def parse_flags(argv: list[str]) -> list[str]:
