@@ -101,9 +101,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
 def finished_steps(directory: paths.PathLike) -> list[int]:
   """The steps in a checkpoints/ folder whose save completed (renamed, or committed on gs://)."""
   try:
-    return workdir.checkpoint_steps(paths.Path(directory).parent)
+    return workdir.finished_steps_in(directory)
   except FileNotFoundError:  # a step deleted while listed: list again
-    return workdir.checkpoint_steps(paths.Path(directory).parent)
+    return workdir.finished_steps_in(directory)
 
 
 def _locate(path: paths.PathLike, step: int | str | None) -> tuple[paths.Path, int | str]:

@@ -63,7 +63,12 @@ def checkpoint_steps(workdir: paths.PathLike) -> list[int]:
   complete; on object stores, where nothing can be renamed, it writes into the step folder and
   marks it complete with commit_success.txt.
   """
-  folder = paths.resolve(workdir) / "checkpoints"
+  return finished_steps_in(paths.resolve(workdir) / "checkpoints")
+
+
+def finished_steps_in(folder: paths.PathLike) -> list[int]:
+  """The finished steps in a checkpoints folder (see checkpoint_steps)."""
+  folder = paths.Path(folder)
   if not folder.is_dir():
     return []
   remote = paths.is_remote(folder)
