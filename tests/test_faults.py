@@ -2,8 +2,9 @@
 checkpoint churn, preemption, cloud (gs://) workdirs, write errors, and short error messages.
 
 The launchers' side of preemption (exit status 75 through launch/local.sh, SLURM requeue, two
-processes stopping at the same step) is in tests/test_launch.py. Slow tests here: the disk-full
-run on a real tmpfs (root only): `python -m pytest -q -m slow tests/test_faults.py`.
+processes stopping at the same step) is in tests/test_launch.py. Slow tests here (they train):
+best kept across a real resume, a run/resume/export on gs://, and disk full on a real tmpfs (root
+only): `python -m pytest -q -m slow tests/test_faults.py`.
 """
 import errno
 import json
@@ -183,6 +184,50 @@ def test_dead_or_silent_owner_is_taken_over(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_best_checkpoint_survives_a_new_manager_and_exports(tmp_path):
+  """Fast (no training): saves with eval metrics through two managers, as a run and its resume
+  do, with checkpoint_keep=1; export --checkpoint=best then picks the early best step."""
+  import types  # pylint: disable=g-import-not-at-top
+  from xception_jax import data  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  model = train.create_model(config, 10)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 72, 72, 3), jnp.float32))
+  variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
+  state = {"step": np.int32(0), "params": variables["params"],
+           "batch_stats": variables["batch_stats"], "ema_params": variables["params"],
+           "ema_batch_stats": variables["batch_stats"]}
+  scores = {2: 0.9, 4: 0.5, 6: 0.4}
+  for steps in ((2, 4), (6,)):  # the first run, then its resume
+    manager = checkpointing.create_manager(tmp_path, keep=1, best_metric="eval/ema_top1")
+    for step in steps:
+      checkpointing.save(manager, step, {**state, "step": np.int32(step)},
+                         {"eval/ema_top1": scores[step], "eval/ema_loss": 1 - scores[step]})
+    manager.wait_until_finished()
+    manager.close()
+  assert workdir_lib.checkpoint_steps(tmp_path) == [2, 6]  # step 4 went, the best stayed
+  workdir_lib.record_config(tmp_path, config, resumed=False)
+  info = data.DatasetInfo(name="synthetic", num_classes=10, num_train_examples=100,
+                          num_eval_examples=10, multi_label=False, class_names=None)
+  train._write_run_info(tmp_path, config, info, model,  # pylint: disable=protected-access
+                        types.SimpleNamespace(params=state["params"],
+                                              batch_stats=state["batch_stats"]),
+                        per_epoch=1.0, num_steps=6, loss_kind="softmax")
+  out = tmp_path / "export"
+  assert export.main([f"--workdir={tmp_path}", f"--out={out}", "--checkpoint=best",
+                      "--saved-model=no"]) == 0
+  metadata = json.loads((out / "export.json").read_text())
+  assert metadata["source"]["step"] == 2 and metadata["source"]["checkpoint"] == "best"
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # readable by others, not 0700
+  assert checkpointing.read_state(tmp_path, "best", best_metric="eval/ema_loss")[1] == 2  # min
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"No checkpoint step 4 in .*available steps: \[2, 6\]"):
+    checkpointing.read_state(tmp_path, 4)
+
+
+@pytest.mark.slow
 def test_best_checkpoint_survives_a_resume_and_exports(tmp_path, monkeypatch):
   scores = {2: 0.9, 4: 0.5, 6: 0.4}  # the best eval comes first
 
