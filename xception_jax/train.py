@@ -415,7 +415,9 @@ def _as_write_error(error: BaseException, workdir: paths.Path) -> WriteError | N
       cause = f"{e.strerror or e} ({e.filename})" if e.filename else f"{e.strerror or e}"
     else:  # tensorstore: a long status line; keep the part that names the file and the cause
       line = next((l for l in text.splitlines() if any(w in l for w in _WRITE_FAILURES)), text)
-      cause = line.strip()[:400]
+      line = line.strip()
+      at = min(line.find(w) for w in _WRITE_FAILURES if w in line)
+      cause = line if len(line) <= 400 else f"{line[:250]} ... {line[at:at + 120]}"
     checkpoints = checkpointing.checkpoint_dir(workdir)
     try:
       steps = checkpointing.finished_steps(checkpoints)
