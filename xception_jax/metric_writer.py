@@ -9,6 +9,7 @@ goes through `tf.io.gfile`, which imports TensorFlow whenever it is installed).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,9 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from xception_jax import paths
 
 
+_WRITER_IDS = itertools.count()  # two writers in one process and second get two event files
+
+
 class MetricWriter:
   """Writes scalar metrics to the console, TensorBoard and `metrics.jsonl` in the workdir."""
 
@@ -37,7 +41,7 @@ class MetricWriter:
       workdir = paths.resolve(workdir)
       self._jsonl = paths.open_append(workdir / "metrics.jsonl")
       events_name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                     f"{os.getpid()}")
+                     f"{os.getpid()}.{next(_WRITER_IDS)}")
       self._events_file = paths.open_append(
           paths.makedirs(workdir / "tensorboard") / events_name, binary=True)
       self._events = RecordWriter(self._events_file)
