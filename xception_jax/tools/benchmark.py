@@ -146,6 +146,22 @@ class BenchmarkSettings:
       layers.parse_conv_formulation(self.conv_formulation)
     except ValueError as e:
       raise ValueError(f"--conv-formulation: {e}") from None
+    if self.peak_tflops is not None and not self.peak_tflops > 0:
+      raise ValueError(f"--peak-tflops={self.peak_tflops} must be > 0 (TFLOP/s of one device)")
+    from xception_jax import models  # pylint: disable=g-import-not-at-top
+    if self.model not in models.list_models():
+      raise ValueError(f"--model={self.model!r}; valid: {', '.join(models.list_models())}")
+    smallest = 75 if self.model.startswith("inception") else 71
+    if self.image_size < smallest:
+      raise ValueError(f"--image-size={self.image_size}: {self.model} needs >= {smallest}")
+    try:  # segment counts that do not divide a layer's channels fail here, not after compiling
+      models.create(self.model, num_classes=self.num_classes,
+                    **({"segments": self.segments} if self.segments is not None else {}),
+                    **({"budget": self.budget} if self.budget else {}))
+    except (ValueError, TypeError) as e:
+      flag = "--segments" if self.segments is not None else "--budget"
+      raise ValueError(f"{flag}={self.segments if self.segments is not None else self.budget}: "
+                       f"{e}") from None
 
 
 def peak_tflops_for(device_kind: str, dtype: str) -> float | None:
@@ -453,7 +469,12 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchmarkSettings, bool]:
   args = p.parse_args(argv)
   as_json = args.json
   del args.json
-  return BenchmarkSettings(**vars(args)), as_json
+  settings = BenchmarkSettings(**vars(args))
+  try:
+    settings.validate()
+  except ValueError as e:
+    p.error(str(e))  # one line naming the flag, exit status 2
+  return settings, as_json
 
 
 def main(argv: Sequence[str] | None = None) -> None:
