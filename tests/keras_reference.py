@@ -8,6 +8,9 @@ scales below 1, so that activations and logits stay O(1) through ~100 layers and
 sums, and a 1e-4 tolerance means something), and the model is saved with tf_keras
 `save_weights(...h5)`, which writes the same legacy layout as the published files.
 
+The same random weights go into Keras 3 models (`keras_module=keras3()`), saved with Keras 3's
+`save_weights(...weights.h5)` and `save(...keras)`, for the parity tests of those formats.
+
 Only tests import this module (it imports TensorFlow).
 """
 from __future__ import annotations
@@ -20,10 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tf_keras  # pylint: disable=g-import-not-at-top
 
-APPLICATIONS = {
-    "xception": tf_keras.applications.Xception,
-    "inception_v3": tf_keras.applications.InceptionV3,
-}
+APPLICATIONS = {"xception": "Xception", "inception_v3": "InceptionV3"}
+
+
+def keras3():
+  """Keras 3, on the TensorFlow backend unless KERAS_BACKEND says otherwise: it builds these
+  models in about a second where the JAX backend takes 15-30 s (eager initialisers)."""
+  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+  import keras  # pylint: disable=g-import-not-at-top
+  return keras
 
 
 def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -41,13 +49,17 @@ def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
 
 
 def randomized_model(name: str, *, include_top: bool, classes: int = 1000,
-                     input_shape: tuple[int, int, int] | None = None, seed: int = 0):
-  """A keras.applications model (no download) with every weight and BN statistic random."""
-  tf_keras.backend.clear_session()
+                     input_shape: tuple[int, int, int] | None = None, seed: int = 0,
+                     keras_module=tf_keras):
+  """A keras.applications model (no download) with every weight and BN statistic random.
+
+  `keras_module`: tf_keras (Keras 2, the default) or `keras3()`.
+  """
+  keras_module.backend.clear_session()
   kwargs = dict(weights=None, include_top=include_top, input_shape=input_shape)
   if include_top:
     kwargs.update(classes=classes, classifier_activation=None)
-  model = APPLICATIONS[name](**kwargs)
+  model = getattr(keras_module.applications, APPLICATIONS[name])(**kwargs)
   rng = np.random.default_rng(seed)
   model.set_weights([_random_value(w.name, tuple(w.shape), rng).astype(np.float32)
                      for w in model.weights])
