@@ -76,3 +76,41 @@ def save_h5(model, directory: pathlib.Path, filename: str) -> pathlib.Path:
 def predict(model, images: np.ndarray) -> np.ndarray:
   """The reference output in inference mode (moving statistics, no dropout), float32."""
   return np.asarray(model(images, training=False), np.float32)
+
+
+def save_as_keras_h5(model, variables: dict, path: pathlib.Path, *,
+                     include_top: bool = True) -> pathlib.Path:
+  """Writes OUR model's variables in the legacy Keras layout the published files use.
+
+  For networks Keras does not build (xception_tiny): a Keras-format file whose weights carry
+  information, e.g. after a short pre-training run. Layers go in Keras's order (the converter's
+  own table, `convert._model_layout`), depthwise kernels in Keras's (3, 3, C, 1) layout, one
+  group per layer with its `weight_names`, as tf_keras writes them. `include_top=False` leaves
+  the classifier out (as the `_notop` files do).
+  """
+  import h5py  # pylint: disable=g-import-not-at-top
+  from xception_jax import convert  # pylint: disable=g-import-not-at-top
+
+  _, targets, _, classifier = convert._model_layout(model)  # pylint: disable=protected-access
+  if include_top:
+    targets = list(targets) + [convert._dense(classifier)]  # pylint: disable=protected-access
+  with h5py.File(path, "w") as f:
+    layer_names = []
+    for i, target in enumerate(targets):
+      name = f"layer_{i}"
+      group = f.create_group(name)
+      weight_names = []
+      for j, (collection, leaf) in enumerate(target.leaves):
+        value = variables[collection]
+        for key in leaf:
+          value = value[key]
+        value = np.asarray(value, np.float32)
+        if target.is_depthwise(j):
+          value = np.transpose(value, (0, 1, 3, 2))
+        weight_name = f"{name}/weight_{j}:0"
+        group.create_dataset(weight_name, data=value)
+        weight_names.append(weight_name.encode())
+      group.attrs["weight_names"] = weight_names
+      layer_names.append(name.encode())
+    f.attrs["layer_names"] = layer_names
+  return pathlib.Path(path)
