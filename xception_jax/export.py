@@ -449,6 +449,9 @@ def write_saved_model(path: str, infer: Callable, flat_variables: dict[str, np.n
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from xception_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (TF eval path)
+  from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
+
+  tf_host.hide_accelerators()
 
   names = sorted(flat_variables)
   converted = jax2tf.convert(infer, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
