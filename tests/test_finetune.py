@@ -73,7 +73,7 @@ def test_finetune_config_recipe():
       "xception", "keras:xception_notop", "")
   assert config.model.frozen_batch_norm and config.model.dropout_rate == 0.2
   assert (config.optimizer.name, config.lr.base, config.lr.reference_batch_size,
-          config.lr.schedule, config.weight_decay) == ("sgd", 0.01, 256, "cosine", 0.0)
+          config.lr.schedule, config.weight_decay) == ("sgd", 0.1, 256, "cosine", 0.0)
   local = finetune.get_config("runlocal,model=inception_v3")
   assert (local.model_name, local.init_from, local.dataset, local.image_size) == (
       "inception_v3", "keras:inception_v3_notop", "embedded_shapes", 128)
@@ -113,12 +113,12 @@ def test_finetune_runlocal_from_a_keras_file_beats_scratch(tmp_path):
   def run(name, **overrides):
     config = _with(finetune.get_config("runlocal"), model_name="xception_tiny",
                    dataset=f"imagefolder:{ft_root}", data_dir=data_dir, image_size=IMAGE_SIZE,
-                   total_steps=60, eval_every_steps=60, checkpoint_every_steps=60, **overrides)
+                   total_steps=100, eval_every_steps=100, checkpoint_every_steps=100, **overrides)
     return train.train_and_evaluate(config, str(tmp_path / name))
 
   tuned = run("finetune", init_from=str(keras_file))
   scratch = run("scratch", init_from="", **{"model.frozen_batch_norm": False})
-  figures = (f"pre-training eval top-1 {pre_result['eval/ema_top1']:.3f}; fine-tuning 60 steps: "
+  figures = (f"pre-training eval top-1 {pre_result['eval/ema_top1']:.3f}; fine-tuning 100 steps: "
              f"from the Keras file {tuned['eval/ema_top1']:.3f} (raw {tuned['eval/top1']:.3f}), "
              f"from scratch {scratch['eval/ema_top1']:.3f} (raw {scratch['eval/top1']:.3f})")
   print(figures)
