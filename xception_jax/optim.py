@@ -151,10 +151,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
     (tf.compat.v1.train.exponential_decay, computed in float32 as TF does).
   - ``constant``: peak.
   - ``cosine``: peak * 0.5 * (1 + cos(pi * p)), p going 0 -> 1 from the end of warmup to total_steps.
-  - Warmup (lr.warmup_epochs > 0, or lr.warmup_steps > 0 which takes precedence): peak * step /
-    warmup_steps for step < warmup_steps, then the
-    schedule above. The exponential decay keeps counting from step 0 (tensorflow/tpu style), so the
-    recipe's decay boundaries stay at the same epochs with or without warmup.
+  - Warmup (lr.warmup_epochs > 0, or lr.warmup_steps > 0, which takes precedence): peak * step /
+    warmup_steps for step < warmup_steps, then the schedule above. The exponential decay keeps
+    counting from step 0 (tensorflow/tpu style), so the recipe's decay boundaries stay at the same
+    epochs with or without warmup.
 
   peak = scaled_base_learning_rate(config). Raises ValueError for bad config values.
   """
