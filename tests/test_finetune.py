@@ -95,7 +95,10 @@ def _with(config, **overrides):
 
 @pytest.mark.slow
 def test_finetune_runlocal_from_a_keras_file_beats_scratch(tmp_path):
-  """Figures (2-core CPU, 2026-11-27): see the assertion message and BENCHMARKS.md/README."""
+  """Slow: about 6 minutes on a shared 2-core CPU (load 8-10), 2026-11-27. Figures then (eval
+  top-1 of the EMA weights on 200 images, 5 classes): pre-training 0.840; after 100 fine-tuning
+  steps, from the Keras file 0.450, from scratch 0.220 (chance 0.2). Deterministic on a machine.
+  """
   pre_root = render_folder(tmp_path / "pre", PRETRAIN_CLASSES, {"train": 600, "val": 100}, 101)
   ft_root = render_folder(tmp_path / "ft", FINETUNE_CLASSES, {"train": 320, "val": 200}, 201)
   data_dir = str(tmp_path / "tfds")
