@@ -381,10 +381,12 @@ def load_pretrained(config: ml_collections.ConfigDict, model, state: TrainState)
       logging.warning("init_from: kept the freshly initialised head for %s (class count differs).",
                       skipped)
     merged[collection] = traverse_util.unflatten_dict(out, sep="/")
-  # Two device copies each: the train step donates the state, and the same buffer given twice
-  # (as params and as ema_params) makes XLA refuse to run it.
+  # Two separate device copies each: the train step donates the state, and the same buffer given
+  # twice (as params and as ema_params) makes XLA refuse to run it. np.array copies the host
+  # array first, since device_put may alias a numpy array's memory on the CPU instead of copying.
   put = lambda name: jax.device_put(  # noqa: E731
-      merged[name], jax.tree.map(lambda x: x.sharding, getattr(state, name)))
+      jax.tree.map(np.array, merged[name]),
+      jax.tree.map(lambda x: x.sharding, getattr(state, name)))
   return state.replace(params=put("params"), batch_stats=put("batch_stats"),
                        ema_params=put("params"), ema_batch_stats=put("batch_stats"))
 
