@@ -73,6 +73,8 @@ def validate_config(config: ml_collections.ConfigDict, num_data_devices: int,
   def fail(key: str, message: str):
     raise ValueError(f"config.{key}: {message}")
 
+  if keras_weights.is_keras_spec(config.init_from):  # before any download or compile
+    keras_weights.check_model(config.init_from, config.model_name)
   if config.dtype not in _DTYPES:
     fail("dtype", f"{config.dtype!r} is not one of {_DTYPES}.")
   if config.loss not in _LOSSES:
@@ -102,8 +104,6 @@ def validate_config(config: ml_collections.ConfigDict, num_data_devices: int,
       fail(key, f"must be a positive number of steps, got {config[key]}.")
   if not 0.0 <= config.ema.decay < 1.0:
     fail("ema.decay", f"must be in [0, 1), got {config.ema.decay}.")
-  if keras_weights.is_keras_spec(config.init_from):  # before any download or compile
-    keras_weights.check_model(config.init_from, config.model_name)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
