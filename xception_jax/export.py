@@ -2,6 +2,7 @@
 
     python -m xception_jax.export --workdir=RUN_DIR --out=EXPORT_DIR [--checkpoint=latest|best|STEP]
         [--raw-weights]
+    python -m xception_jax.export --from=keras:xception --out=EXPORT_DIR   # ImageNet, no training
 
     from xception_jax import export
     predictor = export.load("EXPORT_DIR")
@@ -247,6 +248,41 @@ def export_run(workdir: str, out: str, *, step: int | str | None = None, use_ema
                       saved_model=saved_model, overwrite=overwrite)
 
 
+def export_keras(spec: str, out: str, *, image_size: int = 299, saved_model: bool | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+  """Writes an export of Keras Applications' ImageNet weights: `keras:xception` or
+  `keras:inception_v3`, fetched and cached by `keras_weights`. No training run is involved.
+
+  The export's class names are the 1,000 ImageNet classes in Keras's order (Keras's
+  human-readable names; their synset ids are kept as `class_ids` in export.json). The eval
+  preprocessing is this project's (central crop 0.875, bilinear resize, [-1, 1]).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top  (export side only)
+  from xception_jax import convert  # pylint: disable=g-import-not-at-top
+  from xception_jax import keras_weights  # pylint: disable=g-import-not-at-top
+  from xception_jax import models  # pylint: disable=g-import-not-at-top
+
+  weights = keras_weights.parse(spec, "--from")
+  if not weights.include_top:
+    raise ValueError(f"--from={spec}: those weights have no classifier; export the network with "
+                     f"its ImageNet classifier, --from=keras:{weights.model_name}.")
+  _check_out_dir(out, overwrite)  # before the download
+  config = ml_collections.ConfigDict(dict(
+      model_name=weights.model_name, model={}, dtype="float32", image_size=int(image_size),
+      input=dict(eval_crop_fraction=0.875), dataset="imagenet2012"))
+  model = models.create(weights.model_name, num_classes=keras_weights.NUM_IMAGENET_CLASSES)
+  path = keras_weights.fetch(keras_weights.FILES[weights.name])
+  classes = keras_weights.imagenet_classes()
+  variables = convert.from_keras_h5(path, model)
+  file = keras_weights.FILES[weights.name]
+  run = {"num_classes": keras_weights.NUM_IMAGENET_CLASSES, "loss": "softmax",
+         "multi_label": False, "class_names": list(classes.names),
+         "class_ids": list(classes.synsets), "model_class": type(model).__name__}
+  source = {"step": None, "weights": "keras", "keras": spec, "url": file.url, "md5": file.md5}
+  return write_export(out, config, run, variables, source=source, saved_model=saved_model,
+                      overwrite=overwrite)
+
+
 def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any], *,
                  source: dict[str, Any], saved_model: bool | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
@@ -260,7 +296,8 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
     config: a training config (ConfigDict): model_name, model, dtype, image_size,
       input.eval_crop_fraction, dataset.
     run: run.json's content: num_classes, loss ('softmax' | 'sigmoid'), multi_label,
-      class_names (or None), image_size (defaults to config.image_size).
+      class_names (or None), image_size (defaults to config.image_size), and optionally
+      class_ids (stable ids of the classes, e.g. ImageNet synsets).
     variables: {'params', 'batch_stats'} trees of arrays (other keys are ignored).
     source: where the weights come from, stored in the metadata; 'step' and 'weights'
       ('ema' | 'raw') are expected, anything else JSON-serialisable is kept as is.
@@ -356,6 +393,7 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
             "shape": ["batch", num_classes],
         },
         "class_names": list(class_names) if class_names is not None else None,
+        "class_ids": list(run["class_ids"]) if run.get("class_ids") is not None else None,
         "variables": {
             "file": VARIABLES_FILE,
             "weights": source.get("weights", "unknown"),
@@ -468,6 +506,9 @@ def write_saved_model(path: str, infer: Callable, flat_variables: dict[str, np.n
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from xception_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (TF eval path)
+  from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
+
+  tf_host.hide_accelerators()
 
   names = sorted(flat_variables)
   converted = jax2tf.convert(infer, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
@@ -812,7 +853,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m xception_jax.export",
       description="Export a training run's weights and its eval-mode network for inference.")
-  parser.add_argument("--workdir", required=True, help="The training run's folder.")
+  origin = parser.add_mutually_exclusive_group(required=True)
+  origin.add_argument("--workdir", help="The training run's folder.")
+  origin.add_argument("--from", dest="keras", metavar="keras:NAME",
+                      help="Export Keras Applications' ImageNet weights instead of a run: "
+                           "keras:xception or keras:inception_v3 (fetched and cached as Keras does).")
+  parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=299,
+                      help="With --from: the input size of the exported function (default 299).")
   parser.add_argument("--out", required=True, help="The export folder to create.")
   parser.add_argument("--checkpoint", default="latest",
                       help="Which checkpoint: latest (default), best (by the run's best_metric, "
@@ -830,6 +877,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.checkpoint = str(args.step)
   if args.checkpoint not in ("latest", "best") and not args.checkpoint.isdigit():
     parser.error(f"--checkpoint={args.checkpoint!r}: valid are latest, best or a step number.")
+  if args.keras and (args.checkpoint != "latest" or args.raw_weights):
+    parser.error("--checkpoint, --step and --raw-weights choose among a run's checkpoints; with "
+                 "--from there is no run.")
   return args
 
 
@@ -837,15 +887,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   saved_model = {"auto": None, "yes": True, "no": False}[args.saved_model]
   try:
-    checkpoint = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
-    metadata = export_run(args.workdir, args.out, step=checkpoint, use_ema=not args.raw_weights,
-                          saved_model=saved_model, overwrite=args.overwrite)
+    if args.keras:
+      metadata = export_keras(args.keras, args.out, image_size=args.image_size,
+                              saved_model=saved_model, overwrite=args.overwrite)
+    else:
+      checkpoint = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+      metadata = export_run(args.workdir, args.out, step=checkpoint, use_ema=not args.raw_weights,
+                            saved_model=saved_model, overwrite=args.overwrite)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   source = metadata["source"]
-  print(f"Exported {metadata['model']['name']} ({metadata['variables']['weights']} weights, step "
-        f"{source['step']}) to {paths.resolve(args.out)}"
+  origin = (f"Keras's ImageNet weights {source['keras']}" if args.keras else
+            f"{metadata['variables']['weights']} weights, step {source['step']}")
+  print(f"Exported {metadata['model']['name']} ({origin}) to {paths.resolve(args.out)}"
         f"{' with a TF SavedModel' if metadata['saved_model'] else ''}.")
   return 0
 

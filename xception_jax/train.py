@@ -30,6 +30,7 @@ import optax
 
 from xception_jax import checkpointing
 from xception_jax import data
+from xception_jax import keras_weights
 from xception_jax import metric_writer
 from xception_jax import metrics
 from xception_jax import models
@@ -72,6 +73,8 @@ def validate_config(config: ml_collections.ConfigDict, num_data_devices: int,
   def fail(key: str, message: str):
     raise ValueError(f"config.{key}: {message}")
 
+  if keras_weights.is_keras_spec(config.init_from):  # before any download or compile
+    keras_weights.check_model(config.init_from, config.model_name)
   if config.dtype not in _DTYPES:
     fail("dtype", f"{config.dtype!r} is not one of {_DTYPES}.")
   if config.loss not in _LOSSES:
@@ -337,13 +340,17 @@ def evaluate(eval_step: Callable, state: TrainState, config: ml_collections.Conf
 
 
 def load_pretrained(config: ml_collections.ConfigDict, model, state: TrainState) -> TrainState:
-  """Starts from `config.init_from`: another run's checkpoint (its EMA weights) or a Keras .h5.
+  """Starts from `config.init_from`: another run's checkpoint (its EMA weights), a Keras weight
+  file (.h5, .weights.h5, .keras) or `keras:NAME` (Keras Applications' ImageNet weights, fetched
+  and cached by `keras_weights`).
 
   Leaves are matched by name and shape; the classifier (whose last dimension is the class count)
   is kept freshly initialised when the class counts differ. Any other mismatch is an error.
   """
   path = config.init_from
-  if path.endswith((".h5", ".hdf5")):
+  if keras_weights.is_keras_spec(path):
+    path = keras_weights.fetch_weights(path)[1]
+  if path.endswith((".h5", ".hdf5", ".keras")):
     from xception_jax import convert  # pylint: disable=g-import-not-at-top
     source = convert.from_keras_h5(path, model)
   else:
@@ -368,11 +375,14 @@ def load_pretrained(config: ml_collections.ConfigDict, model, state: TrainState)
       logging.warning("init_from: kept the freshly initialised head for %s (class count differs).",
                       skipped)
     merged[collection] = traverse_util.unflatten_dict(out, sep="/")
-  params = jax.device_put(merged["params"], jax.tree.map(lambda x: x.sharding, state.params))
-  batch_stats = jax.device_put(merged["batch_stats"],
-                               jax.tree.map(lambda x: x.sharding, state.batch_stats))
-  return state.replace(params=params, batch_stats=batch_stats, ema_params=params,
-                       ema_batch_stats=batch_stats)
+  # Two separate device copies each: the train step donates the state, and the same buffer given
+  # twice (as params and as ema_params) makes XLA refuse to run it. np.array copies the host
+  # array first, since device_put may alias a numpy array's memory on the CPU instead of copying.
+  put = lambda name: jax.device_put(  # noqa: E731
+      jax.tree.map(np.array, merged[name]),
+      jax.tree.map(lambda x: x.sharding, getattr(state, name)))
+  return state.replace(params=put("params"), batch_stats=put("batch_stats"),
+                       ema_params=put("params"), ema_batch_stats=put("batch_stats"))
 
 
 def _num_classes_of(model) -> int:

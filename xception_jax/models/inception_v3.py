@@ -219,6 +219,8 @@ class InceptionV3(nn.Module):
     num_classes: classifier outputs; 0 or None gives the headless network, which returns the
       mixed10 feature map [B, h, w, 2048] (2048 at width 1.0) for any input of at least 75x75.
     dropout_rate: dropout before the logistic regression (the Xception paper uses 0.5 on ImageNet).
+    frozen_batch_norm: batch norm keeps and uses its moving statistics also when train=True
+      (fine-tuning on small batches; see Xception's attribute). Dropout is unaffected.
     fc_layers: widths of Dense+ReLU layers between global pooling and the classifier (the paper's
       JFT runs use (4096, 4096)); empty for the reference network.
     width_multiplier: scales every conv's channels (multiples of 8); 1.0 is the reference.
@@ -226,6 +228,7 @@ class InceptionV3(nn.Module):
   """
   num_classes: int | None = 1000
   dropout_rate: float = 0.0
+  frozen_batch_norm: bool = False
   fc_layers: Sequence[int] = ()
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
@@ -263,9 +266,10 @@ class InceptionV3(nn.Module):
                        f"be at least {MIN_IMAGE_SIZE} (299 is the reference size).")
     dtype = layers.canonical_dtype(self.dtype)
     x = jnp.asarray(images, dtype)
-    x = Stem(self.width_multiplier, dtype, name=STEM_NAME)(x, train)
+    train_batch_norm = train and not self.frozen_batch_norm  # the body's only use of `train`
+    x = Stem(self.width_multiplier, dtype, name=STEM_NAME)(x, train_batch_norm)
     for name, branches in BLOCKS:
-      x = InceptionBlock(branches, self.width_multiplier, dtype, name=name)(x, train)
+      x = InceptionBlock(branches, self.width_multiplier, dtype, name=name)(x, train_batch_norm)
     return head.classifier_head(x, num_classes=self.num_classes, fc_layers=self.fc_layers,
                                 dropout_rate=self.dropout_rate, train=train, dtype=dtype)
 

@@ -85,6 +85,9 @@ class Xception(nn.Module):
     residual: shortcuts around the entry, middle and exit blocks (paper figure 9 turns them off).
     fc_layers: fully connected ReLU layers before the classifier, e.g. (4096, 4096).
     dropout_rate: dropout before the classifier (0.5 in the paper's ImageNet recipe).
+    frozen_batch_norm: batch norm normalises with its moving statistics and leaves them as they
+      are, also when train=True (its scale and offset still train): fine-tuning pretrained
+      weights on small batches, as Keras's transfer-learning guide does. Dropout is unaffected.
     width_multiplier: scales every width (rounded to multiples of 8) unless it is 1.0.
     num_middle_blocks: middle-flow repetitions (8 in the paper).
     widths: explicit widths for the 8 slots of xception_arch.WIDTH_SLOTS (tuple, or dict of
@@ -102,6 +105,7 @@ class Xception(nn.Module):
   residual: bool = True
   fc_layers: Sequence[int] = ()
   dropout_rate: float = 0.0
+  frozen_batch_norm: bool = False
   width_multiplier: float = 1.0
   num_middle_blocks: int = 8
   widths: Any = None
@@ -152,7 +156,8 @@ class Xception(nn.Module):
     arch = self.architecture()
     dtype = layers.canonical_dtype(self.dtype)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=layers.kernel_init)
-    batch_norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=dtype)
+    batch_norm = functools.partial(layers.BatchNorm, dtype=dtype,
+                                   use_running_average=not train or self.frozen_batch_norm)
 
     x = jnp.asarray(images, dtype)
     for stem in xception_arch.STEM:
