@@ -149,7 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = make_mesh(config)
   config_check.validate(config, mesh.shape["data"], jax.process_count())
   info = data.dataset_info(config)
-  loss_kind = config.loss if config.loss != "auto" else ("sigmoid" if info.multi_label else "softmax")
+  loss_kind = (config.loss if config.loss != "auto"
+               else "sigmoid" if info.multi_label else "softmax")
   model = create_model(config, info.num_classes)
   per_epoch = steps_per_epoch(config, info)
   num_steps = total_steps(config, info)
