@@ -13,6 +13,7 @@ import pytest
 
 import keras_reference
 from xception_jax import convert
+from xception_jax import keras_file
 from xception_jax import models
 
 TOLERANCE = 1e-4  # max |difference| in float32, logits and feature maps O(1..10)
@@ -107,13 +108,14 @@ def test_fc_layers_are_initialised_with_the_head(reference):
 def _renamed_copy(source, destination):
   """The same weights under different layer names, in the same order (as in published files)."""
   with h5py.File(source, "r") as src, h5py.File(destination, "w") as dst:
-    names = [convert._decode(n) for n in src.attrs["layer_names"]]  # bytes or str by h5py version
+    # bytes or str by h5py version
+    names = [keras_file._decode(n) for n in src.attrs["layer_names"]]
     new_names = [f"layer_{len(names) - i}" for i in range(len(names))]
     for old, new in zip(names, new_names):
       group = dst.create_group(new)
       weight_names = []
       for weight_name in src[old].attrs["weight_names"]:
-        renamed = convert._decode(weight_name).replace(old, new, 1)
+        renamed = keras_file._decode(weight_name).replace(old, new, 1)
         group.create_dataset(renamed, data=src[old][weight_name][()])
         weight_names.append(renamed.encode())
       group.attrs["weight_names"] = weight_names

@@ -56,7 +56,6 @@ def test_multi_label_batches_are_multi_hot(data_dir):
   info = data.dataset_info(c)
   assert info.multi_label and info.num_classes == 24
   assert info.class_names[0] == "red_horizontal_stripes"
-  assert info.class_frequencies.shape == (24,) and 0.05 < info.class_frequencies.mean() < 0.2
   batch = next(data.create_train_iterator(c, info, process_index=0, process_count=1))
   assert batch["label"].shape == (16, 24) and batch["label"].dtype == np.float32
   assert set(np.unique(batch["label"])) <= {0.0, 1.0}
@@ -131,11 +130,7 @@ def test_restored_iterator_matches_uninterrupted(data_dir):
 
 
 def test_bad_config_values_fail_fast(data_dir):
-  with pytest.raises(ValueError,
-                     match=r"config.input.bad_files='maybe'; valid: \['skip', 'error'\]"):
-    data.dataset_info(_config(data_dir, **{"input.bad_files": "maybe"}))
-  with pytest.raises(ValueError, match="config.input.area_range"):
-    data.dataset_info(_config(data_dir, **{"input.area_range": (0.5, 0.1)}))
+  # The input settings themselves: tests/test_config_check.py.
   with pytest.raises(ValueError, match="not divisible by the number of JAX processes"):
     info = data.dataset_info(_config(data_dir))
     data.create_train_iterator(_config(data_dir, batch_size=10), info, process_index=0,

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from xception_jax.data import eval_preprocess
-from xception_jax.data import preprocess
+from xception_jax.data import preprocess_numpy
+from xception_jax.data import preprocess_tf
 
 
 def _natural_image(height, width, seed=0):
@@ -42,9 +42,9 @@ CASES = [  # (height, width, format, PIL mode)
 def test_every_image_becomes_rgb_of_the_model_size(height, width, fmt, mode):
   encoded = tf.constant(_encode(_natural_image(max(height, 16), max(width, 16))[:height, :width],
                                 fmt, mode))
-  train = preprocess.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=20,
+  train = preprocess_tf.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=20,
                                  color_distortion=True)
-  evaluated = preprocess.eval_image(encoded, image_size=20)
+  evaluated = preprocess_tf.eval_image(encoded, image_size=20)
   assert train.shape == (20, 20, 3) and train.dtype == tf.uint8
   assert evaluated.shape == (20, 20, 3) and evaluated.dtype == tf.float32
   assert -1.0 <= float(tf.reduce_min(evaluated)) and float(tf.reduce_max(evaluated)) <= 1.0
@@ -56,10 +56,10 @@ def test_train_pixels_are_the_rounded_float_path_and_model_input_scales_them():
   import jax
   from xception_jax import data
   encoded = tf.constant(_encode(_natural_image(40, 40), "PNG"))
-  pixels = preprocess.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=24,
+  pixels = preprocess_tf.train_image(encoded, tf.constant([1, 2], tf.int64), image_size=24,
                                   area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0),
                                   flip=False).numpy()
-  expected = preprocess.eval_image(encoded, image_size=24, crop_fraction=1.0).numpy()
+  expected = preprocess_tf.eval_image(encoded, image_size=24, crop_fraction=1.0).numpy()
   scaled = data.model_input(pixels)
   assert scaled.dtype == np.float32
   np.testing.assert_allclose(scaled, expected, atol=0.5 / 127.5 + 1e-6)
@@ -69,19 +69,19 @@ def test_train_pixels_are_the_rounded_float_path_and_model_input_scales_them():
 
 def test_train_augmentation_is_a_function_of_the_seed():
   encoded = tf.constant(_encode(_natural_image(60, 80), "JPEG"))
-  first = preprocess.train_image(encoded, tf.constant([3, 4], tf.int64), image_size=16)
-  again = preprocess.train_image(encoded, tf.constant([3, 4], tf.int64), image_size=16)
-  other = preprocess.train_image(encoded, tf.constant([3, 5], tf.int64), image_size=16)
+  first = preprocess_tf.train_image(encoded, tf.constant([3, 4], tf.int64), image_size=16)
+  again = preprocess_tf.train_image(encoded, tf.constant([3, 4], tf.int64), image_size=16)
+  other = preprocess_tf.train_image(encoded, tf.constant([3, 5], tf.int64), image_size=16)
   np.testing.assert_array_equal(first.numpy(), again.numpy())
   assert not np.array_equal(first.numpy(), other.numpy())
 
 
 def test_eval_accepts_uint8_arrays_like_encoded_images():
   array = _natural_image(40, 50)
-  from_array = preprocess.eval_image(array, image_size=16).numpy()
-  from_png = preprocess.eval_image(tf.constant(_encode(array, "PNG")), image_size=16).numpy()
+  from_array = preprocess_tf.eval_image(array, image_size=16).numpy()
+  from_png = preprocess_tf.eval_image(tf.constant(_encode(array, "PNG")), image_size=16).numpy()
   np.testing.assert_allclose(from_array, from_png, atol=1e-6)
-  grey = preprocess.eval_image(array[..., 0], image_size=16).numpy()
+  grey = preprocess_tf.eval_image(array[..., 0], image_size=16).numpy()
   np.testing.assert_allclose(grey[..., 0], grey[..., 2])
 
 
@@ -90,27 +90,28 @@ def test_eval_accepts_uint8_arrays_like_encoded_images():
 def test_numpy_eval_preprocessing_matches_tf(height, width, fmt, mode, image_size):
   encoded = _encode(_natural_image(max(height, 16), max(width, 16), seed=height)[:height, :width],
                     fmt, mode)
-  expected = preprocess.eval_image(tf.constant(encoded), image_size=image_size).numpy()
-  actual = eval_preprocess.eval_image(encoded, image_size)
+  expected = preprocess_tf.eval_image(tf.constant(encoded), image_size=image_size).numpy()
+  actual = preprocess_numpy.eval_image(encoded, image_size)
   assert actual.shape == expected.shape == (image_size, image_size, 3)
   np.testing.assert_allclose(actual, expected, atol=1.0 / 255.0)
 
 
 def test_central_crop_window_matches_tf():
   for height, width in [(375, 500), (1, 1), (7, 3), (299, 299), (100, 33)]:
-    expected = preprocess.central_crop_window(height, width, 0.875)
-    assert eval_preprocess.central_crop_window(height, width, 0.875) == tuple(
+    expected = preprocess_tf.central_crop_window(height, width, 0.875)
+    assert preprocess_numpy.central_crop_window(height, width, 0.875) == tuple(
         int(v) for v in expected)
 
 
 def test_multi_hot():
-  hot = preprocess.multi_hot(tf.constant([3, 0, 3], tf.int64), 5).numpy()
+  hot = preprocess_tf.multi_hot(tf.constant([3, 0, 3], tf.int64), 5).numpy()
   np.testing.assert_array_equal(hot, [1, 0, 0, 1, 0])
-  np.testing.assert_array_equal(preprocess.multi_hot(tf.zeros([0], tf.int64), 4).numpy(), [0] * 4)
+  np.testing.assert_array_equal(preprocess_tf.multi_hot(tf.zeros([0], tf.int64), 4).numpy(),
+                                [0] * 4)
 
 
 def test_numpy_eval_rejects_bad_arrays():
   with pytest.raises(ValueError, match="uint8"):
-    eval_preprocess.eval_image(np.zeros((4, 4, 3), np.float32), 8)
+    preprocess_numpy.eval_image(np.zeros((4, 4, 3), np.float32), 8)
   with pytest.raises(ValueError, match=r"\[H, W\] or \[H, W, 1\|2\|3\|4\]"):
-    eval_preprocess.eval_image(np.zeros((4, 4, 5), np.uint8), 8)
+    preprocess_numpy.eval_image(np.zeros((4, 4, 5), np.uint8), 8)

@@ -62,11 +62,11 @@ def test_tf_free_modules_do_not_import_tensorflow():
       "import sys\n"
       "from configs import common\n"
       "from xception_jax import data\n"
-      "from xception_jax.data import eval_preprocess, shapes, sharding, synthetic\n"
+      "from xception_jax.data import preprocess_numpy, shapes, sharding, synthetic\n"
       "c = common.base_config(); c.dataset = 'synthetic'; c.image_size = 8; c.batch_size = 8\n"
       "info = data.dataset_info(c)\n"
       "next(data.create_train_iterator(c, info)); list(data.create_eval_iterator(c, info))\n"
-      "eval_preprocess.eval_image(shapes.render_single_label(0, 0)[0], 8)\n"
+      "preprocess_numpy.eval_image(shapes.render_single_label(0, 0)[0], 8)\n"
       "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})

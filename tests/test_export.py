@@ -30,7 +30,7 @@ from xception_jax import checkpointing
 from xception_jax import data
 from xception_jax import export
 from xception_jax import train
-from xception_jax.data import eval_preprocess
+from xception_jax.data import preprocess_numpy
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross")
@@ -234,7 +234,7 @@ def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir
   assert report == {"devices": 1, "loaded": []}
   results = json.loads(result.stdout)
   assert results[-1]["error"] == "file not found" and results[-1]["predictions"] == []
-  preprocessed = np.stack([eval_preprocess.eval_image(a, 72, 0.875) for a in arrays])
+  preprocessed = np.stack([preprocess_numpy.eval_image(a, 72, 0.875) for a in arrays])
   expected = np.asarray(jax.nn.softmax(model_eval(model, ema, preprocessed)))  # EMA by default
   for row, result_for_file in zip(expected, results[:3]):
     assert result_for_file["error"] is None
@@ -329,7 +329,7 @@ def test_predict_applies_the_eval_preprocessing_to_arrays_and_files(tiny_export,
   inputs = arrays[:6] + [path, grey]
   probabilities = predictor.predict(inputs)
   assert probabilities.shape == (8, len(CLASS_NAMES)) and probabilities.dtype == np.float32
-  preprocessed = np.stack([eval_preprocess.eval_image(a, 72, 0.875)
+  preprocessed = np.stack([preprocess_numpy.eval_image(a, 72, 0.875)
                            for a in arrays + [np.repeat(grey[..., None], 3, -1)]])
   expected = jax.nn.softmax(model_eval(model, variables, preprocessed))
   np.testing.assert_allclose(probabilities, expected, rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ import keras_reference
 from xception_jax import export
 from xception_jax import keras_weights
 from xception_jax import predict
-from xception_jax.data import eval_preprocess
+from xception_jax.data import preprocess_numpy
 
 SIZE = 75  # the exported function's input size (Xception's weights work at any size >= 71)
 
@@ -73,7 +73,7 @@ def test_export_from_keras_then_predict_prints_kerass_top_classes(keras_home, ke
   assert predict.main(["--model", out, "--json", "--top-k=3", *paths]) == 0
   results = json.loads(capsys.readouterr().out)
 
-  images = np.stack([eval_preprocess.eval_image(open(p, "rb").read(), SIZE, 0.875)
+  images = np.stack([preprocess_numpy.eval_image(open(p, "rb").read(), SIZE, 0.875)
                      for p in paths])  # what predict did (export.json's preprocessing)
   assert metadata["preprocessing"]["crop_fraction"] == 0.875
   keras_logits = keras_reference.predict(keras_model, images)

@@ -23,6 +23,7 @@ import pytest
 from configs import quickstart
 from configs import spectrum
 from xception_jax import checkpointing
+from xception_jax import evaluation
 from xception_jax import export
 from xception_jax import paths
 from xception_jax import train
@@ -234,7 +235,7 @@ def test_best_checkpoint_survives_a_resume_and_exports(tmp_path, monkeypatch):
   def scripted_evaluate(eval_step, state, config, info, sharding):
     step = int(jax.device_get(state.step))
     return {name: (1.0 - scores[step] if name.endswith("loss") else scores[step])
-            for name in train.eval_metric_names(info.multi_label)}
+            for name in evaluation.eval_metric_names(info.multi_label)}
 
   monkeypatch.setattr(train, "evaluate", scripted_evaluate)
   workdir = tmp_path / "run"
@@ -588,9 +589,9 @@ def test_nan_message_when_no_checkpoint_exists_yet():
 
 
 def test_best_metric_is_validated_per_task():
-  assert train.resolve_best_metric(tiny_config(), multi_label=False) == "eval/ema_top1"
-  assert train.resolve_best_metric(tiny_config(), multi_label=True) == "eval/ema_map100"
-  assert train.resolve_best_metric(tiny_config(best_metric="eval/loss"), False) == "eval/loss"
+  assert evaluation.resolve_best_metric(tiny_config(), multi_label=False) == "eval/ema_top1"
+  assert evaluation.resolve_best_metric(tiny_config(), multi_label=True) == "eval/ema_map100"
+  assert evaluation.resolve_best_metric(tiny_config(best_metric="eval/loss"), False) == "eval/loss"
   assert checkpointing.best_mode("eval/loss") == "min"
   with pytest.raises(ValueError, match=r"config.best_metric='eval/ema_top1'.*multi-label"):
-    train.resolve_best_metric(tiny_config(best_metric="eval/ema_top1"), multi_label=True)
+    evaluation.resolve_best_metric(tiny_config(best_metric="eval/ema_top1"), multi_label=True)

@@ -23,6 +23,7 @@ import keras_reference
 from configs import finetune
 from configs import quickstart
 from xception_jax import checkpointing
+from xception_jax import config_check
 from xception_jax import models
 from xception_jax import train
 from xception_jax.data import shapes
@@ -78,7 +79,7 @@ def test_finetune_config_recipe():
   assert (local.model_name, local.init_from, local.dataset, local.image_size) == (
       "inception_v3", "keras:inception_v3_notop", "embedded_shapes", 128)
   with pytest.raises(ValueError, match="config.model_name='xception_tiny'"):
-    train.validate_config(_with(local, model_name="xception_tiny"), 8, 1)
+    config_check.validate(_with(local, model_name="xception_tiny"), 8, 1)
 
 
 def _with(config, **overrides):

@@ -13,8 +13,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import quickstart
 from xception_jax import checkpointing
+from xception_jax import config_check
 from xception_jax import data
 from xception_jax import optim
+from xception_jax import steps
 from xception_jax import train
 
 
@@ -41,10 +43,10 @@ def _one_step(config, devices, batch):
   model = train.create_model(config, num_classes=10)
   tx, schedule = optim.create_optimizer(config, 100.0, 100)
   mesh = _mesh(devices)
-  state, shardings = train.create_train_state(model, tx, config.image_size, mesh, config.seed)
-  step = train.jit_train_step(train.make_train_step(
-      config, model, tx, schedule, train.make_loss_fn("softmax", 10, 0.0), False), shardings, mesh)
-  state, metrics = step(state, train.to_global(batch, NamedSharding(mesh, P("data"))))
+  state, shardings = steps.create_train_state(model, tx, config.image_size, mesh, config.seed)
+  step = steps.jit_train_step(steps.make_train_step(
+      config, model, tx, schedule, steps.make_loss_fn("softmax", 10, 0.0), False), shardings, mesh)
+  state, metrics = step(state, data.to_global(batch, NamedSharding(mesh, P("data"))))
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -86,9 +88,9 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   # The same by hand: micro-batch i holds rows i, i+2, ... ; BN statistics per micro-batch.
   model = train.create_model(config, num_classes=10)
   tx, _ = optim.create_optimizer(config, 100.0, 100)
-  state, _ = train.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
+  state, _ = steps.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
                                       config.seed)
-  loss_fn = train.make_loss_fn("softmax", 10, 0.0)
+  loss_fn = steps.make_loss_fn("softmax", 10, 0.0)
   base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
 
   def micro_loss(params, batch_stats, index):
@@ -115,10 +117,10 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 def test_invalid_batch_size_fails_before_compile_naming_the_key():
   config = tiny_config(batch_size=12)  # not a multiple of the 8 devices
   with pytest.raises(ValueError, match=r"config\.batch_size.*multiples of 8"):
-    train.validate_config(config, num_data_devices=8, process_count=1)
+    config_check.validate(config, num_data_devices=8, process_count=1)
   config = tiny_config(dtype="float16")
   with pytest.raises(ValueError, match=r"config\.dtype"):
-    train.validate_config(config, num_data_devices=8, process_count=1)
+    config_check.validate(config, num_data_devices=8, process_count=1)
 
 
 def _all_arrays(workdir):
@@ -187,7 +189,7 @@ def test_init_from_another_run_replaces_the_head_for_a_new_class_count(tmp_path)
   config.num_classes = 12  # more classes than the data has: a new head
   model = train.create_model(config, num_classes=12)
   tx, _ = optim.create_optimizer(config, 100.0, 100)
-  state, _ = train.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
+  state, _ = steps.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
                                       config.seed)
   state = train.load_pretrained(config, model, state)
   # Separate buffers for the weights and their EMA: the train step donates the state, and XLA

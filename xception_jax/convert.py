@@ -1,21 +1,9 @@
-"""Imports Keras Xception and Inception V3 weight files into our modules, in three formats.
+"""Imports Keras Xception and Inception V3 weight files into our modules.
 
 This is how users start from the published ImageNet weights (`keras_weights` fetches them:
-`init_from=keras:xception`) or from a Keras model of their own. The format is recognised from the
-file's content, not its name:
-  * legacy Keras 2 HDF5 (`.h5`): what `keras.applications` publishes
-    (`xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`,
-    `inception_v3_weights_tf_dim_ordering_tf_kernels[_notop].h5`) and tf-keras's
-    `model.save_weights("x.h5")` writes: root attribute `layer_names`, per layer group an
-    attribute `weight_names`, layers in the model's order;
-  * Keras 3 `.weights.h5` (`model.save_weights`): variables under `layers/<key>/vars/<i>`, where
-    the key is the layer's class in snake case numbered in the model's layer order (`conv2d`,
-    `conv2d_1`, ..., `batch_normalization_3`; the layer's own name is an attribute of `vars`);
-    the h5 groups themselves are unordered, so the file's layer order is rebuilt from our model's:
-    the k-th `separable_conv2d` of the file is the k-th separable conv of the network in Keras's
-    order, and so on per class;
-  * Keras 3 `.keras` archives (`model.save`): a zip holding `config.json` and `model.weights.h5`
-    in the Keras 3 layout above.
+`init_from=keras:xception`) or from a Keras model of their own. `keras_file.py` reads the file
+(legacy Keras 2 `.h5`, Keras 3 `.weights.h5` or `.keras`); this module decides where each of its
+layers goes in our variables.
 
 Layers are matched by their ORDER in the file, as Keras's own loader does, never by name: layer
 names are auto-generated for most of Inception V3 (`conv2d_17`, `batch_normalization_17`) and the
@@ -43,20 +31,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import functools
-import io
 import logging
 import os
-import re
 import warnings
-import zipfile
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax import keras_file
 from xception_jax.models import head
 from xception_jax.models import inception_v3 as inception_v3_lib
 from xception_jax.models import xception as xception_lib
@@ -83,19 +69,6 @@ class _Target:
 
 
 @dataclasses.dataclass(frozen=True)
-class _KerasLayer:
-  """A layer with weights, as stored in the file."""
-  index: int  # position among the file's layers with weights
-  name: str
-  weight_names: tuple[str, ...]
-  arrays: tuple[np.ndarray, ...]
-
-  @property
-  def shapes(self) -> list[tuple[int, ...]]:
-    return [a.shape for a in self.arrays]
-
-
-@dataclasses.dataclass(frozen=True)
 class KerasImport:
   """The result of `import_keras_h5`.
 
@@ -111,109 +84,6 @@ class KerasImport:
   loaded: tuple[tuple[str, str], ...]
   reinitialized: tuple[str, ...]
   ignored: tuple[str, ...]
-
-
-# --- Reading the file ----------------------------------------------------------------------------
-
-
-def _decode(value: Any) -> str:
-  return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-
-_ARCHIVE_WEIGHTS = "model.weights.h5"  # where a .keras archive keeps its variables
-_FORMATS = ("a legacy Keras 2 .h5 weight file (keras.applications' published files, tf_keras "
-            "save_weights), a Keras 3 .weights.h5 file (model.save_weights) or a Keras 3 .keras "
-            "archive (model.save)")
-
-
-def _open(path: str) -> h5py.File:
-  """The HDF5 file at `path`, or inside it when it is a .keras archive; clear errors otherwise."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Keras weight file {path!r} does not exist")
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
-      names = archive.namelist()
-      if _ARCHIVE_WEIGHTS not in names:
-        raise ValueError(f"{path}: a zip archive without {_ARCHIVE_WEIGHTS} (it holds "
-                         f"{names[:6]}); expected {_FORMATS}.")
-      return h5py.File(io.BytesIO(archive.read(_ARCHIVE_WEIGHTS)), "r")
-  if not h5py.is_hdf5(path):
-    raise ValueError(f"{path}: neither an HDF5 file nor a zip archive; expected {_FORMATS}.")
-  return h5py.File(path, "r")
-
-
-def _array(dataset: h5py.Dataset) -> np.ndarray:
-  value = np.asarray(dataset[()])
-  if dataset.attrs.get("dtype") == "bfloat16":  # Keras 3 stores bfloat16 variables as raw 2 bytes
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
-    value = value.view(ml_dtypes.bfloat16)
-  return value.astype(np.float32)
-
-
-def _read_legacy(group: h5py.Group) -> list[_KerasLayer]:
-  """The layers with weights of the legacy layout, in stored (the model's) order."""
-  result = []
-  for name in (_decode(n) for n in group.attrs["layer_names"]):
-    layer_group = group[name]
-    weight_names = tuple(_decode(w) for w in layer_group.attrs.get("weight_names", ()))
-    if not weight_names:
-      continue
-    arrays = tuple(_array(layer_group[w]) for w in weight_names)
-    result.append(_KerasLayer(len(result), name, weight_names, arrays))
-  return result
-
-
-def _read_keras3(f: h5py.File, path: str, classes: Sequence[str]) -> list[_KerasLayer]:
-  """The layers of a Keras 3 weights file, put in the model's order (see the module docstring).
-
-  `classes` lists the Keras class of each of our body layers in Keras's order; a trailing
-  `dense` layer in the file is the classifier.
-  """
-  by_class: dict[str, list[tuple[int, str]]] = {}
-  for key, group in f["layers"].items():
-    if len(group.get("vars", ())):
-      match = re.fullmatch(r"(.+?)(?:_(\d+))?", key)
-      by_class.setdefault(match.group(1), []).append((int(match.group(2) or 0), key))
-  found = {c: len(keys) for c, keys in sorted(by_class.items())}
-  wanted = {c: classes.count(c) for c in sorted(set(classes))}
-  if {c: n for c, n in found.items() if c != "dense"} != wanted or found.get("dense", 0) > 1:
-    raise ValueError(
-        f"{path}: its layers with weights are {found}, the model expects {wanted} (plus at most "
-        "one dense classifier). Is this a Keras file of this network, saved from the model "
-        "itself (keras.applications, not nested inside another model)?")
-  queues = {c: [key for _, key in sorted(keys)] for c, keys in by_class.items()}
-  result = []
-  for keras_class in list(classes) + ["dense"] * found.get("dense", 0):
-    key = queues[keras_class].pop(0)
-    variables = f["layers"][key]["vars"]
-    names = sorted(variables, key=int)
-    result.append(_KerasLayer(len(result), _decode(variables.attrs.get("name", key)),
-                              tuple(f"layers/{key}/vars/{n}" for n in names),
-                              tuple(_array(variables[n]) for n in names)))
-  return result
-
-
-def read_keras_file(path: str | os.PathLike, classes: Sequence[str]) -> list[_KerasLayer]:
-  """The layers with weights of a Keras weight file (any of the three formats), in model order.
-
-  `classes`: the Keras class of each body layer of the model, in Keras's order; used only to
-  order a Keras 3 file's layers (a legacy file stores its order).
-  """
-  path = os.fspath(path)
-  with _open(path) as f:
-    group = f
-    if "layer_names" not in f.attrs and "model_weights" in f:
-      group = f["model_weights"]  # a full-model file from tf_keras model.save("x.h5")
-    if "layer_names" in group.attrs:
-      return _read_legacy(group)
-    if "layers" in f:
-      return _read_keras3(f, path, classes)
-  raise ValueError(f"{path}: no Keras weights in it (no root attribute 'layer_names' and no "
-                   f"'layers' group); expected {_FORMATS}.")
-
-
-def _is_dense(layer: _KerasLayer) -> bool:
-  return [a.ndim for a in layer.arrays] == [2, 1]
 
 
 # --- Keras's layer order -------------------------------------------------------------------------
@@ -354,25 +224,6 @@ def _model_layout(model: nn.Module) -> tuple[str, list[_Target], int, str]:
 # --- The import ------------------------------------------------------------------------------
 
 
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  if isinstance(tree, dict) or hasattr(tree, "items"):
-    flat = {}
-    for key, value in tree.items():
-      flat.update(_flatten(value, prefix + (key,)))
-    return flat
-  return {prefix: tree}
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 def _fresh_leaf(path: tuple[str, ...], shape: tuple[int, ...], rng: jax.Array) -> np.ndarray:
   """Keras-style initial value: glorot-uniform kernels, zero biases and means, unit scales/vars."""
   leaf = path[-1]
@@ -383,11 +234,16 @@ def _fresh_leaf(path: tuple[str, ...], shape: tuple[int, ...], rng: jax.Array) -
   return np.zeros(shape, np.float32)
 
 
-def _describe(layer: _KerasLayer) -> str:
+def _is_dense(layer: keras_file.KerasLayer) -> bool:
+  return [a.ndim for a in layer.arrays] == [2, 1]
+
+
+def _describe(layer: keras_file.KerasLayer) -> str:
   return f"Keras layer {layer.name!r} (layer {layer.index} with weights in the file)"
 
 
-def _leaf_name(leaf: LeafPath) -> str:
+def _variable_path(leaf: LeafPath) -> str:
+  """'params/block1_conv1/kernel': where a Keras weight goes, as error messages name it."""
   return "/".join((leaf[0],) + leaf[1])
 
 
@@ -411,8 +267,8 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   description, body, min_size, classifier = _model_layout(model)
   abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, min_size, min_size, 3), jnp.float32))
-  expected = {(c,) + p: v.shape for c in abstract for p, v in _flatten(abstract[c]).items()}
-  file_layers = read_keras_file(path, [target.keras_class for target in body])
+  expected = {key: v.shape for key, v in traverse_util.flatten_dict(abstract).items()}
+  file_layers = keras_file.read_keras_file(path, [target.keras_class for target in body])
 
   file_head = file_layers[-1] if file_layers and _is_dense(file_layers[-1]) else None
   file_body = file_layers[:-1] if file_head is not None else file_layers
@@ -426,23 +282,24 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   values: dict[tuple[str, ...], np.ndarray] = {}
   loaded: list[tuple[str, str]] = []
 
-  def load(layer: _KerasLayer, target: _Target) -> None:
+  def load(layer: keras_file.KerasLayer, target: _Target) -> None:
     if len(layer.arrays) != len(target.leaves):
       raise ValueError(
           f"{_describe(layer)} has {len(layer.arrays)} weights {list(layer.weight_names)}, but "
           f"our layer {target.layer!r} takes {len(target.leaves)}: "
-          f"{[_leaf_name(l) for l in target.leaves]}")
+          f"{[_variable_path(l) for l in target.leaves]}")
     for i, (array, (collection, leaf)) in enumerate(zip(layer.arrays, target.leaves)):
       key = (collection,) + leaf
       if key not in expected:
-        raise ValueError(f"{_describe(layer)}: our model has no {_leaf_name((collection, leaf))} "
-                         "(is it at its reference architecture?)")
+        raise ValueError(f"{_describe(layer)}: our model has no "
+                         f"{_variable_path((collection, leaf))} (is it at its reference "
+                         "architecture?)")
       value = np.transpose(array, (0, 1, 3, 2)) if target.is_depthwise(i) else array
       if value.shape != tuple(expected[key]):
         layout = f" (as {value.shape} in our layout)" if target.is_depthwise(i) else ""
         raise ValueError(
             f"Shape mismatch: {_describe(layer)} weight {layer.weight_names[i]!r} has shape "
-            f"{array.shape}{layout}; our {_leaf_name((collection, leaf))} has shape "
+            f"{array.shape}{layout}; our {_variable_path((collection, leaf))} has shape "
             f"{tuple(expected[key])}")
       values[key] = value
     loaded.append((layer.name, target.layer))
@@ -493,7 +350,7 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   elif ignored:
     logging.info("%s: not imported (%s): %s", os.fspath(path), reason, ", ".join(ignored))
 
-  tree = _unflatten({k: jnp.asarray(v) for k, v in values.items()})
+  tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in values.items()})
   variables = {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
   return KerasImport(variables, tuple(loaded), reinitialized, tuple(ignored))
 

@@ -42,7 +42,7 @@ Design choices, and why:
     probabilities (softmax, or sigmoid for multi-label runs, per run.json's `loss`).
   * The input is the already preprocessed batch: float32 [batch, S, S, 3], RGB, NHWC, in [-1, 1].
     Decoding and resizing are data-dependent in shape, so they stay outside the StableHLO (in
-    numpy/PIL here: `xception_jax.data.eval_preprocess`, the twin of the TF eval path).
+    numpy/PIL here: `xception_jax.data.preprocess_numpy`, the twin of the TF eval path).
   * The directory is written under a temporary name and renamed when complete, so a crash never
     leaves something that looks like an export; `load` also checks every file's size and hash.
 
@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xception_jax import paths
-from xception_jax.data import eval_preprocess
+from xception_jax.data import preprocess_numpy
 
 FORMAT_NAME = "xception_jax.export"
 # Bump when a reader of the previous version could misread a new export (new required file,
@@ -383,8 +383,8 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
             "crop_fraction": crop_fraction,
             "resize": {"method": "bilinear", "half_pixel_centers": True, "antialias": False},
             "scale": {"divide": 127.5, "subtract": 1.0},
-            "numpy_implementation": "xception_jax.data.eval_preprocess.eval_image",
-            "tensorflow_implementation": "xception_jax.data.preprocess.eval_image",
+            "numpy_implementation": "xception_jax.data.preprocess_numpy.eval_image",
+            "tensorflow_implementation": "xception_jax.data.preprocess_tf.eval_image",
         },
         "output": {
             "keys": ["logits", "probabilities"],
@@ -498,14 +498,14 @@ def write_saved_model(path: str, infer: Callable, flat_variables: dict[str, np.n
   """A TF SavedModel of `infer` (jax2tf, native serialization) with two signatures.
 
   `serving_default(image_bytes: string[b])` decodes and preprocesses in TF exactly as evaluation
-  does (`xception_jax.data.preprocess.eval_image`) and is what TF Serving calls;
+  does (`xception_jax.data.preprocess_tf.eval_image`) and is what TF Serving calls;
   `predict_images(images: float32[b, S, S, 3])` takes preprocessed images. Both return
   {'logits', 'probabilities'}. The weights are tf.Variables passed to the converted function
   (not constants), as the jax2tf guide recommends for large models.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  from xception_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (TF eval path)
+  from xception_jax.data import preprocess_tf  # pylint: disable=g-import-not-at-top  (TF eval path)
   from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
 
   tf_host.hide_accelerators()
@@ -523,7 +523,7 @@ def write_saved_model(path: str, infer: Callable, flat_variables: dict[str, np.n
     return converted(dict(zip(names, module.variables_list)), images)
 
   def decode(encoded):
-    return preprocess.eval_image(encoded, image_size=image_size, crop_fraction=crop_fraction)
+    return preprocess_tf.eval_image(encoded, image_size=image_size, crop_fraction=crop_fraction)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
   def serving_default(image_bytes):
@@ -650,7 +650,7 @@ def _bucket(n: int, max_batch_size: int) -> int:
 class Predictor:
   """Runs an exported model on images: `predict(images)` -> probabilities [n, num_classes].
 
-  Images go through exactly the eval preprocessing (`xception_jax.data.eval_preprocess`), then
+  Images go through exactly the eval preprocessing (`xception_jax.data.preprocess_numpy`), then
   through the exported StableHLO function in batches of at most `max_batch_size`, padded to a
   power of two so that few batch shapes are ever compiled.
   """
@@ -729,7 +729,7 @@ class Predictor:
     if isinstance(image, (bytes, bytearray)):
       from PIL import Image  # pylint: disable=g-import-not-at-top
       try:
-        return eval_preprocess.eval_image(bytes(image), self.image_size, self.crop_fraction)
+        return preprocess_numpy.eval_image(bytes(image), self.image_size, self.crop_fraction)
       except Image.UnidentifiedImageError:
         raise ImageError(source, "not an image file PIL can decode (JPEG, PNG, GIF, BMP, ...)") \
             from None
@@ -752,7 +752,7 @@ class Predictor:
                                "or a uint8 [N, H, W, 3] array")
     if 0 in image.shape[:2]:
       raise ImageError(source, f"shape {image.shape} has no pixels")
-    return eval_preprocess.eval_image(image, self.image_size, self.crop_fraction)
+    return preprocess_numpy.eval_image(image, self.image_size, self.crop_fraction)
 
   # --- Running the function.
 

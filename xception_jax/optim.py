@@ -48,68 +48,18 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+# What the config may name (`config_check.validate` checks the settings against these once, before
+# a run builds anything; the functions here trust them).
 OPTIMIZERS = ("sgd", "rmsprop_tf", "rmsprop_keras")
 SCHEDULES = ("exponential", "constant", "cosine")
 WEIGHT_DECAY_ON = ("kernels", "all")
 
 
-# ----------------------------------------------------------------------------- validation
-
-
 def _check(condition: bool, message: str) -> None:
+  """For values derived at run time (steps per epoch, total steps, the parameter tree): the
+  settings themselves were checked by `config_check.validate` before anything was built."""
   if not condition:
     raise ValueError(message)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the config key at fault, before anything is traced or compiled.
-
-  Covers every field this module reads: optimizer.*, lr.*, batch_size, weight_decay,
-  weight_decay_on and ema.*.
-  """
-  opt = config.optimizer
-  _check(opt.name in OPTIMIZERS,
-         f"config.optimizer.name={opt.name!r} is not valid; valid values: {list(OPTIMIZERS)}")
-  _check(0.0 <= opt.momentum < 1.0,
-         f"config.optimizer.momentum={opt.momentum!r} must be in [0, 1)")
-  if opt.name.startswith("rmsprop"):
-    _check(0.0 <= opt.rms_decay < 1.0,
-           f"config.optimizer.rms_decay={opt.rms_decay!r} must be in [0, 1)")
-    _check(opt.eps > 0.0, f"config.optimizer.eps={opt.eps!r} must be > 0 for {opt.name}")
-  if opt.nesterov:
-    _check(opt.name == "sgd",
-           f"config.optimizer.nesterov=True is only supported with optimizer.name='sgd', "
-           f"not {opt.name!r}")
-    _check(opt.momentum > 0.0, "config.optimizer.nesterov=True needs config.optimizer.momentum > 0")
-  _check(opt.grad_clip_norm >= 0.0,
-         f"config.optimizer.grad_clip_norm={opt.grad_clip_norm!r} must be >= 0 (0 = off)")
-
-  lr = config.lr
-  _check(lr.schedule in SCHEDULES,
-         f"config.lr.schedule={lr.schedule!r} is not valid; valid values: {list(SCHEDULES)}")
-  _check(lr.base > 0.0, f"config.lr.base={lr.base!r} must be > 0")
-  _check(lr.reference_batch_size >= 0,
-         f"config.lr.reference_batch_size={lr.reference_batch_size!r} must be >= 0 (0 = no scaling)")
-  _check(config.batch_size >= 1, f"config.batch_size={config.batch_size!r} must be >= 1")
-  _check(lr.warmup_epochs >= 0.0, f"config.lr.warmup_epochs={lr.warmup_epochs!r} must be >= 0")
-  _check(lr.get("warmup_steps", 0) >= 0,
-         f"config.lr.warmup_steps={lr.get('warmup_steps')!r} must be >= 0 (0 = use warmup_epochs)")
-  if lr.schedule == "exponential":
-    _check(lr.decay_rate > 0.0, f"config.lr.decay_rate={lr.decay_rate!r} must be > 0")
-    _check(lr.decay_every_samples >= 0,
-           f"config.lr.decay_every_samples={lr.decay_every_samples!r} must be >= 0 "
-           "(0 = decay every config.lr.decay_every_epochs)")
-    if lr.decay_every_samples == 0:
-      _check(lr.decay_every_epochs > 0.0,
-             f"config.lr.decay_every_epochs={lr.decay_every_epochs!r} must be > 0 when "
-             "config.lr.decay_every_samples is 0")
-
-  _check(config.weight_decay >= 0.0, f"config.weight_decay={config.weight_decay!r} must be >= 0")
-  _check(config.weight_decay_on in WEIGHT_DECAY_ON,
-         f"config.weight_decay_on={config.weight_decay_on!r} is not valid; "
-         f"valid values: {list(WEIGHT_DECAY_ON)}")
-  _check(0.0 <= config.ema.decay < 1.0,
-         f"config.ema.decay={config.ema.decay!r} must be in [0, 1) (0 = no EMA)")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -156,9 +106,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
     counting from step 0 (tensorflow/tpu style), so the recipe's decay boundaries stay at the same
     epochs with or without warmup.
 
-  peak = scaled_base_learning_rate(config). Raises ValueError for bad config values.
+  peak = scaled_base_learning_rate(config). Raises ValueError when steps_per_epoch or total_steps
+  cannot serve the schedule (the settings were checked by `config_check.validate`).
   """
-  validate_config(config)
   lr = config.lr
   peak = scaled_base_learning_rate(config)
   warmup_steps = float(lr.get("warmup_steps", 0) or lr.warmup_epochs * steps_per_epoch)
@@ -178,7 +128,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
       if staircase:
         exponent = jnp.floor(exponent)
       return jnp.float32(peak) * jnp.power(jnp.float32(rate), exponent)
-  elif lr.schedule == "cosine":
+  else:  # cosine
     _check(total_steps is not None and total_steps > warmup_steps,
            f"config.lr.schedule='cosine' needs total_steps={total_steps!r} > warmup steps "
            f"({warmup_steps}, from config.lr.warmup_epochs={lr.warmup_epochs!r} or "
@@ -189,8 +139,6 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
       progress = (jnp.asarray(step, jnp.float32) - warmup_steps) / jnp.float32(span)
       progress = jnp.clip(progress, 0.0, 1.0)
       return jnp.float32(peak) * 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * progress))
-  else:  # validate_config already rejected it; kept for exhaustiveness.
-    raise ValueError(f"config.lr.schedule={lr.schedule!r}; valid values: {list(SCHEDULES)}")
 
   if warmup_steps <= 0:
     return after_warmup
@@ -206,7 +154,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
 # ----------------------------------------------------------------------------- weight decay
 
 
-def _leaf_name(path: tuple[Any, ...]) -> str:
+def _last_key(path: tuple[Any, ...]) -> str:
   """The last key of a pytree path as a string ('kernel' for params['Conv_0']['kernel'])."""
   if not path:
     return ""
@@ -223,7 +171,7 @@ def is_kernel_path(path: tuple[Any, ...]) -> bool:
   The suffix form also covers modules that name their weights like Keras
   ('depthwise_kernel', 'pointwise_kernel'). Biases, BN scale/bias and anything else are excluded.
   """
-  name = _leaf_name(path)
+  name = _last_key(path)
   return name == "kernel" or name.endswith("_kernel")
 
 
@@ -234,8 +182,6 @@ def weight_decay_mask(params: Any, on: str = "kernels") -> Any:
   parameter. Raises ValueError when on='kernels' matches no leaf (a silent no-op weight decay
   would otherwise go unnoticed, e.g. if a model renamed its kernels).
   """
-  _check(on in WEIGHT_DECAY_ON,
-         f"config.weight_decay_on={on!r} is not valid; valid values: {list(WEIGHT_DECAY_ON)}")
   if on == "all":
     return jax.tree.map(lambda _: True, params)
   mask = jax.tree_util.tree_map_with_path(lambda path, _: is_kernel_path(path), params)
@@ -254,18 +200,16 @@ def _base_optimizer(config: ml_collections.ConfigDict,
   momentum = float(opt.momentum) if opt.momentum > 0 else None
   if opt.name == "sgd":
     return optax.sgd(schedule, momentum=momentum, nesterov=bool(opt.nesterov))
-  if opt.name in ("rmsprop_tf", "rmsprop_keras"):
-    return optax.rmsprop(
-        schedule,
-        decay=float(opt.rms_decay),
-        eps=float(opt.eps),
-        initial_scale=1.0 if opt.name == "rmsprop_tf" else 0.0,
-        eps_in_sqrt=True,
-        centered=False,
-        momentum=momentum,
-        nesterov=False,
-    )
-  raise ValueError(f"config.optimizer.name={opt.name!r} is not valid; valid values: {list(OPTIMIZERS)}")
+  return optax.rmsprop(  # rmsprop_tf or rmsprop_keras
+      schedule,
+      decay=float(opt.rms_decay),
+      eps=float(opt.eps),
+      initial_scale=1.0 if opt.name == "rmsprop_tf" else 0.0,
+      eps_in_sqrt=True,
+      centered=False,
+      momentum=momentum,
+      nesterov=False,
+  )
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: float,
@@ -276,9 +220,9 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: float,
   clipping (config.optimizer.grad_clip_norm > 0) -> SGD or RMSprop with the schedule. Clipping
   comes after the decay because in TF-Slim the regulariser is part of the loss whose gradient is
   clipped. The returned schedule is the one inside the optimizer, for logging
-  (schedule(step) is the lr used by the update that produces step + 1).
+  (schedule(step) is the lr used by the update that produces step + 1). The settings were
+  checked by `config_check.validate`.
   """
-  validate_config(config)
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
   parts = []
   if config.weight_decay > 0:
@@ -304,8 +248,6 @@ def ema_decay(step: jax.typing.ArrayLike, config: ml_collections.ConfigDict) -> 
   updates done so far (1 at the first update) reproduces it. decay 0 means no averaging: the EMA
   tree then simply follows the raw one.
   """
-  _check(0.0 <= config.ema.decay < 1.0,
-         f"config.ema.decay={config.ema.decay!r} must be in [0, 1) (0 = no EMA)")
   decay = jnp.float32(config.ema.decay)
   if config.ema.num_updates_warmup:
     t = jnp.asarray(step, jnp.float32)

@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 
 from xception_jax import checkpointing
+from xception_jax import config_check
 from xception_jax import optim
+from xception_jax import steps
 from xception_jax import train
 from xception_jax.data import synthetic
 from xception_jax.tools import benchmark
@@ -49,15 +51,15 @@ def trainer(setup):
   config = benchmark.build_config(settings)
   config.total_steps = 1000
   mesh = train.make_mesh(config)
-  train.validate_config(config, mesh.shape["data"], jax.process_count())
+  config_check.validate(config, mesh.shape["data"], jax.process_count())
   assert jax.devices()[0].platform == setup.device.platform
   model = train.create_model(config, NUM_CLASSES)
   tx, schedule = optim.create_optimizer(config, synthetic.NUM_TRAIN_EXAMPLES / settings.batch,
                                         config.total_steps)
-  state0, shardings = train.create_train_state(model, tx, settings.image_size, mesh, config.seed)
-  step = train.jit_train_step(
-      train.make_train_step(config, model, tx, schedule,
-                            train.make_loss_fn("softmax", NUM_CLASSES, config.label_smoothing),
+  state0, shardings = steps.create_train_state(model, tx, settings.image_size, mesh, config.seed)
+  step = steps.jit_train_step(
+      steps.make_train_step(config, model, tx, schedule,
+                            steps.make_loss_fn("softmax", NUM_CLASSES, config.label_smoothing),
                             multi_label=False), shardings, mesh)
   sharding = NamedSharding(mesh, P("data"))
   batches = [synthetic.make_batch(jax.random.PRNGKey(i), settings.batch, settings.image_size,

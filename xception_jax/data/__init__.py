@@ -23,65 +23,17 @@ checkpoint: pass the restored step as `start_step`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-SYNTHETIC = "synthetic"
-EMBEDDED_DATASETS = ("embedded_shapes", "embedded_shapes_multilabel")
-IMAGEFOLDER_PREFIX = "imagefolder:"
-_BAD_FILES_MODES = ("skip", "error")
+from xception_jax.data.sharding import eval_batch_size
+from xception_jax.data.source import EMBEDDED_DATASETS, IMAGEFOLDER_PREFIX, SYNTHETIC
+from xception_jax.data.types import Batch, DatasetInfo
 
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the trainer needs to know about a dataset before building the model.
-
-  `train_split` / `eval_split` are the resolved split names (the config may leave them empty).
-  `class_frequencies` (fraction of training examples carrying each class) is provided where it
-  is cheap to know, for the class-weighted MAP of multi-label evaluation; otherwise None.
-  """
-  name: str
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
-  multi_label: bool
-  class_names: tuple[str, ...] | None = None
-  class_frequencies: np.ndarray | None = None
-  train_split: str = ""
-  eval_split: str = ""
-
-
-def validate_input_config(config) -> None:
-  """Checks the config fields the input pipeline reads; raises ValueError naming the key."""
-  if not isinstance(config.dataset, str) or not config.dataset:
-    raise ValueError(
-        "config.dataset must be a tfds name, 'imagefolder:ROOT', one of "
-        f"{list(EMBEDDED_DATASETS)} or '{SYNTHETIC}'; got {config.dataset!r}.")
-  if config.dataset.startswith(IMAGEFOLDER_PREFIX) and not config.dataset[len(IMAGEFOLDER_PREFIX):]:
-    raise ValueError("config.dataset='imagefolder:' needs a folder: 'imagefolder:/path/to/root'.")
-  if int(config.image_size) < 1:
-    raise ValueError(f"config.image_size={config.image_size} must be a positive number of pixels.")
-  if config.get("num_classes") is not None and int(config.num_classes) < 1:
-    raise ValueError(f"config.num_classes={config.num_classes} must be >= 1 or None.")
-  inp = config.input
-  if inp.bad_files not in _BAD_FILES_MODES:
-    raise ValueError(f"config.input.bad_files={inp.bad_files!r}; valid: {list(_BAD_FILES_MODES)}.")
-  for key, low, high in (("area_range", 0.0, 1.0), ("aspect_ratio_range", 0.0, float("inf"))):
-    value = tuple(inp[key])
-    if len(value) != 2 or not low < value[0] <= value[1] <= high:
-      raise ValueError(
-          f"config.input.{key}={value} must be (min, max) with {low} < min <= max <= {high}.")
-  if not 0.0 <= float(inp.min_object_covered) <= 1.0:
-    raise ValueError(f"config.input.min_object_covered={inp.min_object_covered} must be in [0, 1].")
-  if not 0.0 < float(inp.eval_crop_fraction) <= 1.0:
-    raise ValueError(f"config.input.eval_crop_fraction={inp.eval_crop_fraction} must be in (0, 1].")
-  if int(inp.shuffle_buffer) < 1:
-    raise ValueError(f"config.input.shuffle_buffer={inp.shuffle_buffer} must be >= 1.")
-  if int(inp.num_parallel_calls) < 1 and int(inp.num_parallel_calls) != -1:
-    raise ValueError(
-        f"config.input.num_parallel_calls={inp.num_parallel_calls} must be >= 1 or -1 (AUTOTUNE).")
+__all__ = ["Batch", "DatasetInfo", "EMBEDDED_DATASETS", "IMAGEFOLDER_PREFIX", "SYNTHETIC",
+           "create_eval_iterator", "create_train_iterator", "dataset_info", "eval_batch_size",
+           "model_input", "to_global"]
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -89,8 +41,8 @@ def dataset_info(config) -> DatasetInfo:
 
   Fails fast (before any compilation) with ValueError / FileNotFoundError saying what to download
   or prepare and where, for a missing dataset, a missing manual download, or an empty folder.
+  The config's settings are checked once, before, by `config_check.validate`.
   """
-  validate_input_config(config)
   if config.dataset == SYNTHETIC:
     from xception_jax.data import synthetic
     return synthetic.dataset_info(config)
@@ -108,16 +60,16 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def create_train_iterator(config, info: DatasetInfo, start_step: int = 0, *,
                           process_index: int | None = None, process_count: int | None = None,
-                          sharding: Any = None) -> Iterator[dict[str, Any]]:
-  """An infinite iterator of this process's training batches, starting at `start_step`.
+                          sharding: Any = None) -> Iterator[Batch]:
+  """An infinite iterator of training batches, starting at `start_step`.
 
-  Yields {'image': uint8 [B, S, S, 3] pixels, 'label': int32 [B] or float32 multi-hot
-  [B, num_classes]} as numpy arrays, B = config.batch_size // process_count; `model_input` turns
-  the images into the model's [-1, 1] on the accelerator. For 'synthetic' it yields GLOBAL
-  jax.Arrays of config.batch_size examples instead (float32 images already in [-1, 1]), laid out
-  by `sharding` (default: the batch dimension split over all devices).
+  With `sharding` (what the trainer passes, e.g. NamedSharding(mesh, P('data'))) every source
+  yields the same thing: GLOBAL jax.Arrays of config.batch_size examples laid out by it, each
+  process contributing its own rows. Without it, the tf.data sources yield this process's numpy
+  arrays (B = config.batch_size // process_count, for tests and input benchmarks) and 'synthetic'
+  global arrays split over all devices. Images are uint8 pixels from tf.data and float32 in
+  [-1, 1] from 'synthetic'; `model_input` turns both into the model's input on the accelerator.
   """
-  validate_input_config(config)
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
   if config.dataset == SYNTHETIC:
@@ -125,7 +77,8 @@ def create_train_iterator(config, info: DatasetInfo, start_step: int = 0, *,
     return synthetic.train_iterator(config, info, start_step, sharding=sharding)
   from xception_jax.data import pipeline
   process_index, process_count = _process(process_index, process_count)
-  return pipeline.train_iterator(config, info, start_step, process_index, process_count)
+  batches = pipeline.train_iterator(config, info, start_step, process_index, process_count)
+  return batches if sharding is None else (to_global(b, sharding) for b in batches)
 
 
 def model_input(images: Any) -> Any:
@@ -133,7 +86,7 @@ def model_input(images: Any) -> Any:
   floating-point images (eval batches, synthetic data) are returned unchanged.
 
   Works on numpy arrays and on jax arrays inside jit, where the training step calls it so that
-  the conversion runs on the accelerator (see `preprocess.py` for why batches travel as uint8).
+  the conversion runs on the accelerator (see `preprocess_tf.py` for why batches travel as uint8).
   """
   if images.dtype == np.uint8:
     return images.astype(np.float32) / 127.5 - 1.0
@@ -141,23 +94,42 @@ def model_input(images: Any) -> Any:
 
 
 def create_eval_iterator(config, info: DatasetInfo, *, process_index: int | None = None,
-                         process_count: int | None = None) -> Iterable[dict[str, np.ndarray]]:
-  """A finite iterable (fresh on each call, with len()) of this process's eval batches.
+                         process_count: int | None = None,
+                         sharding: Any = None) -> Iterable[Batch]:
+  """A finite iterable (fresh on each call, with len()) of eval batches.
 
-  Yields {'image', 'label', 'mask'} numpy arrays with B = eval_batch_size // process_count
-  (eval_batch_size None -> batch_size). Every process yields the same number of batches; the
-  tail is padded with mask-0 examples so every eval example counts exactly once overall.
+  Yields {'image', 'label', 'mask'}: this process's numpy arrays with
+  B = eval_batch_size(config) // process_count, or, with `sharding`, the global jax.Arrays they
+  make together. Every process yields the same number of batches; the tail is padded with mask-0
+  examples so every eval example counts exactly once overall.
   """
-  validate_input_config(config)
   process_index, process_count = _process(process_index, process_count)
   if config.dataset == SYNTHETIC:
     from xception_jax.data import synthetic
-    return synthetic.eval_iterable(config, info, process_index, process_count)
-  from xception_jax.data import pipeline
-  return pipeline.eval_iterable(config, info, process_index, process_count)
+    batches = synthetic.eval_iterable(config, info, process_index, process_count)
+  else:
+    from xception_jax.data import pipeline
+    batches = pipeline.eval_iterable(config, info, process_index, process_count)
+  return batches if sharding is None else _GlobalBatches(batches, sharding)
 
 
-def eval_batch_size(config) -> int:
-  """The global eval batch size (config.eval_batch_size, or config.batch_size when None)."""
-  return int(config.eval_batch_size if config.get("eval_batch_size") is not None
-             else config.batch_size)
+def to_global(batch: Batch, sharding: Any) -> Batch:
+  """Assembles each process's part of a batch into one global array per key (laid out by
+  `sharding`); arrays that already are global jax.Arrays pass through."""
+  import jax
+  return {k: v if isinstance(v, jax.Array) else
+          jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+class _GlobalBatches:
+  """An eval iterable whose batches are made global (keeps len(), re-iterable)."""
+
+  def __init__(self, batches: Iterable[Batch], sharding: Any):
+    self._batches, self._sharding = batches, sharding
+
+  def __len__(self) -> int:
+    return len(self._batches)
+
+  def __iter__(self) -> Iterator[Batch]:
+    return (to_global(b, self._sharding) for b in self._batches)

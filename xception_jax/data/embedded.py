@@ -103,15 +103,6 @@ class EmbeddedShapesMultilabel(tfds.core.GeneratorBasedBuilder):
       yield index, {"image": _encode(image), "labels": labels}
 
 
-def multi_label_class_frequencies() -> np.ndarray:
-  """Fraction of training images carrying each class (from the labels alone, no rendering)."""
-  seed, count = _MULTI_LABEL_SPLITS["train"]
-  counts = np.zeros(len(shapes.MULTI_LABEL_CLASSES), np.float64)
-  for index in range(count):
-    counts[shapes.multi_label_labels(seed, index)] += 1
-  return (counts / count).astype(np.float32)
-
-
 def prepare(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Returns the builder for an embedded dataset, generating it first if needed (seconds)."""
   builder = tfds.builder(name, data_dir=data_dir or None)

@@ -184,7 +184,6 @@ class ImageFolderSource(source_lib.Source):
     mode, data_dir = config.input.bad_files, config.data_dir
     class_names, train_paths, train_labels = scan(root, train_split, None, mode, data_dir)
     _, eval_paths, eval_labels = scan(root, eval_split, class_names, mode, data_dir)
-    counts = np.bincount(np.asarray(train_labels), minlength=len(class_names))
     # Files are listed class by class; a fixed permutation (independent of config.seed) makes
     # every process's contiguous shard, and every shuffle-buffer window, a mix of all classes.
     train_paths, train_labels = _fixed_permutation(train_paths, train_labels)
@@ -192,8 +191,7 @@ class ImageFolderSource(source_lib.Source):
     super().__init__(
         name=config.dataset, num_classes=len(class_names), multi_label=False,
         class_names=class_names, train_split=train_split, eval_split=eval_split,
-        split_sizes={train_split: len(train_paths), eval_split: len(eval_paths)},
-        class_frequencies=(counts / counts.sum()).astype(np.float32))
+        split_sizes={train_split: len(train_paths), eval_split: len(eval_paths)})
     self._files = {train_split: (train_paths, train_labels), eval_split: (eval_paths, eval_labels)}
 
   def records(self, split: str, start: int, stop: int):

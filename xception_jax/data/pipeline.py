@@ -20,11 +20,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from xception_jax import data as data_lib
-from xception_jax.data import preprocess
+from xception_jax.data import preprocess_tf
 from xception_jax.data import sharding as sharding_lib
 from xception_jax.data import source as source_lib
 from xception_jax.data import tf_host
+from xception_jax.data import types
 
 tf_host.hide_accelerators()  # before any TensorFlow op: the GPUs' memory is JAX's
 
@@ -32,7 +32,7 @@ _MAX_EPOCHS = 2 ** 40  # "forever" for tf.data.Dataset.range
 
 
 def _open_source(config) -> source_lib.Source:
-  if config.dataset.startswith(data_lib.IMAGEFOLDER_PREFIX):
+  if config.dataset.startswith(source_lib.IMAGEFOLDER_PREFIX):
     from xception_jax.data import imagefolder
     return imagefolder.ImageFolderSource(config)
   from xception_jax.data import tfds_source
@@ -63,25 +63,18 @@ def _num_classes(config, source: source_lib.Source) -> int:
   return int(requested)
 
 
-def dataset_info(config) -> data_lib.DatasetInfo:
+def dataset_info(config) -> types.DatasetInfo:
   source = _source(config)
   num_classes = _num_classes(config, source)
-  frequencies = source.class_frequencies
-  if source.name == "embedded_shapes_multilabel":
-    from xception_jax.data import embedded
-    frequencies = embedded.multi_label_class_frequencies()
-  if frequencies is not None and len(frequencies) < num_classes:
-    frequencies = np.pad(frequencies, (0, num_classes - len(frequencies)))
   class_names = source.class_names
   if class_names is not None and len(class_names) != num_classes:
     class_names = tuple(class_names) + tuple(
         f"unused_{i}" for i in range(len(class_names), num_classes))
-  return data_lib.DatasetInfo(
+  return types.DatasetInfo(
       name=source.name, num_classes=num_classes,
       num_train_examples=source.num_examples(source.train_split),
       num_eval_examples=source.num_examples(source.eval_split),
-      multi_label=source.multi_label, class_names=class_names,
-      class_frequencies=frequencies, train_split=source.train_split,
+      multi_label=source.multi_label, class_names=class_names, train_split=source.train_split,
       eval_split=source.eval_split)
 
 
@@ -90,9 +83,9 @@ def _parallel(config) -> int:
   return tf.data.AUTOTUNE if n == -1 else n
 
 
-def _label(label: tf.Tensor, info: data_lib.DatasetInfo) -> tf.Tensor:
+def _label(label: tf.Tensor, info: types.DatasetInfo) -> tf.Tensor:
   if info.multi_label:
-    return preprocess.multi_hot(label, info.num_classes)
+    return preprocess_tf.multi_hot(label, info.num_classes)
   return tf.cast(tf.reshape(label, []), tf.int32)
 
 
@@ -108,7 +101,7 @@ def _options() -> tf.data.Options:
   return options
 
 
-def train_dataset(config, info: data_lib.DatasetInfo, start_step: int, process_index: int,
+def train_dataset(config, info: types.DatasetInfo, start_step: int, process_index: int,
                   process_count: int) -> tf.data.Dataset:
   """The per-process training tf.data.Dataset from `start_step` on (see module docstring)."""
   source = _source(config)
@@ -141,7 +134,7 @@ def train_dataset(config, info: data_lib.DatasetInfo, start_step: int, process_i
   def make_example(number, record):
     record = source.load(record)
     seed = tf.stack([tf.constant(augment_base, tf.int64), number])
-    image = preprocess.train_image(
+    image = preprocess_tf.train_image(
         record["image"], seed, image_size=int(config.image_size),
         area_range=tuple(inp.area_range), aspect_ratio_range=tuple(inp.aspect_ratio_range),
         min_object_covered=float(inp.min_object_covered), flip=bool(inp.flip),
@@ -154,18 +147,18 @@ def train_dataset(config, info: data_lib.DatasetInfo, start_step: int, process_i
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def train_iterator(config, info, start_step: int, process_index: int,
-                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
+def train_iterator(config, info: types.DatasetInfo, start_step: int, process_index: int,
+                   process_count: int) -> Iterator[types.Batch]:
   ds = train_dataset(config, info, start_step, process_index, process_count)
   return iter(ds.as_numpy_iterator())
 
 
-def eval_dataset(config, info: data_lib.DatasetInfo, process_index: int,
+def eval_dataset(config, info: types.DatasetInfo, process_index: int,
                  process_count: int) -> tuple[tf.data.Dataset, int]:
   """(per-process eval dataset, number of batches): padded and masked, nothing dropped."""
   source = _source(config)
   batch = sharding_lib.per_process_batch_size(
-      data_lib.eval_batch_size(config), process_count, "eval_batch_size")
+      sharding_lib.eval_batch_size(config), process_count, "eval_batch_size")
   split = source.eval_split
   total = source.num_examples(split)
   start, stop = sharding_lib.process_range(total, process_index, process_count)
@@ -177,7 +170,7 @@ def eval_dataset(config, info: data_lib.DatasetInfo, process_index: int,
 
   def make_example(record):
     record = source.load(record)
-    image = preprocess.eval_image(record["image"], image_size=size,
+    image = preprocess_tf.eval_image(record["image"], image_size=size,
                                   crop_fraction=float(config.input.eval_crop_fraction))
     return {"image": image, "label": _label(record["label"], info),
             "mask": tf.constant(1.0, tf.float32)}
@@ -203,19 +196,20 @@ class EvalIterable:
   def __len__(self) -> int:
     return self._num_batches
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+  def __iter__(self) -> Iterator[types.Batch]:
     return iter(self._ds.as_numpy_iterator())
 
 
 _EVAL_DATASETS: dict[tuple, tuple[tf.data.Dataset, int]] = {}
 
 
-def eval_iterable(config, info, process_index: int, process_count: int) -> EvalIterable:
+def eval_iterable(config, info: types.DatasetInfo, process_index: int,
+                  process_count: int) -> EvalIterable:
   """Built once per (config, process) and re-iterated by each evaluation, so that with
   config.input.cache the encoded eval records stay in memory between evaluations."""
   key = (config.dataset, config.data_dir, config.eval_split, config.input.bad_files,
          int(config.image_size), float(config.input.eval_crop_fraction),
-         data_lib.eval_batch_size(config), bool(config.input.cache),
+         sharding_lib.eval_batch_size(config), bool(config.input.cache),
          int(config.input.num_parallel_calls), info.num_classes, process_index, process_count)
   if key not in _EVAL_DATASETS:
     _EVAL_DATASETS[key] = eval_dataset(config, info, process_index, process_count)

@@ -184,11 +184,6 @@ def _multi_label_choice(rng) -> list[int]:
   return sorted(int(c) for c in rng.choice(len(MULTI_LABEL_CLASSES), count, replace=False))
 
 
-def multi_label_labels(seed: int, index: int) -> list[int]:
-  """The labels of example `index` without rendering it (same rng stream as the renderer)."""
-  return _multi_label_choice(np.random.default_rng([seed, index]))
-
-
 def render_multi_label(seed: int, index: int, size: int = IMAGE_SIZE
                        ) -> tuple[np.ndarray, list[int]]:
   """Example `index` of the multi-label split: (uint8 [size, size, 3], sorted class ids)."""

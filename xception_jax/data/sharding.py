@@ -5,6 +5,7 @@ stated once and can be tested exhaustively:
 
 * Process p of P reads the contiguous index range [p * n // P, (p + 1) * n // P) of a split of n
   examples. The ranges are disjoint, cover every example, and differ in size by at most one.
+* The global eval batch is config.eval_batch_size, or config.batch_size when that is None or 0.
 * Evaluation never drops examples: every process yields the same number of batches
   (ceil(largest shard / per-process batch)), padding its own tail with masked-out examples.
 """
@@ -20,6 +21,15 @@ def process_range(num_examples: int, process_index: int, process_count: int) -> 
   start = process_index * num_examples // process_count
   stop = (process_index + 1) * num_examples // process_count
   return start, stop
+
+
+def eval_batch_size(config) -> int:
+  """The global eval batch size: config.eval_batch_size, or config.batch_size when None or 0.
+
+  0 means "the training batch" like the other 0 defaults of the config (warmup_steps,
+  reference_batch_size), which a command-line override can set where None cannot be typed.
+  """
+  return int(config.get("eval_batch_size") or config.batch_size)
 
 
 def per_process_batch_size(global_batch_size: int, process_count: int, what: str) -> int:

@@ -16,7 +16,10 @@ import abc
 import dataclasses
 from typing import Any
 
-import numpy as np
+# The forms of `config.dataset` other than a tfds name (see `data/__init__.py`).
+SYNTHETIC = "synthetic"
+EMBEDDED_DATASETS = ("embedded_shapes", "embedded_shapes_multilabel")
+IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
 @dataclasses.dataclass
@@ -29,7 +32,6 @@ class Source(abc.ABC):
   train_split: str
   eval_split: str
   split_sizes: dict[str, int]
-  class_frequencies: np.ndarray | None = None
 
   def num_examples(self, split: str) -> int:
     return self.split_sizes[split]

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xception_jax import data as data_lib
 from xception_jax.data import sharding as sharding_lib
+from xception_jax.data import source
+from xception_jax.data import types
 
 DEFAULT_NUM_CLASSES = 1000
 NUM_TRAIN_EXAMPLES = 1_281_167  # ImageNet train
@@ -26,12 +27,12 @@ NUM_EVAL_EXAMPLES = 1000
 MEAN_POSITIVES = 3.0  # multi-label: expected positives per example
 
 
-def dataset_info(config) -> "data_lib.DatasetInfo":
+def dataset_info(config) -> types.DatasetInfo:
   num_classes = config.num_classes if config.get("num_classes") is not None else DEFAULT_NUM_CLASSES
-  return data_lib.DatasetInfo(
-      name=data_lib.SYNTHETIC, num_classes=int(num_classes),
+  return types.DatasetInfo(
+      name=source.SYNTHETIC, num_classes=int(num_classes),
       num_train_examples=NUM_TRAIN_EXAMPLES, num_eval_examples=NUM_EVAL_EXAMPLES,
-      multi_label=_multi_label(config), class_names=None, class_frequencies=None,
+      multi_label=_multi_label(config), class_names=None,
       train_split="train", eval_split="eval")
 
 
@@ -100,8 +101,8 @@ def default_sharding(batch_size: int) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
-def train_iterator(config, info, start_step: int, sharding: Any = None
-                   ) -> Iterator[dict[str, jax.Array]]:
+def train_iterator(config, info: types.DatasetInfo, start_step: int, sharding: Any = None
+                   ) -> Iterator[types.Batch]:
   """Infinite GLOBAL batches of config.batch_size; step s uses fold_in(PRNGKey(seed), s)."""
   batch_size = int(config.batch_size)
   sharding = default_sharding(batch_size) if sharding is None else sharding
@@ -118,7 +119,7 @@ class _SyntheticEval:
 
   def __init__(self, config, info, process_index: int, process_count: int):
     self._batch = sharding_lib.per_process_batch_size(
-        data_lib.eval_batch_size(config), process_count, "eval_batch_size")
+        sharding_lib.eval_batch_size(config), process_count, "eval_batch_size")
     self._start, self._stop = sharding_lib.process_range(
         info.num_eval_examples, process_index, process_count)
     self._num_batches = sharding_lib.num_eval_batches(
@@ -130,7 +131,7 @@ class _SyntheticEval:
   def __len__(self) -> int:
     return self._num_batches
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+  def __iter__(self) -> Iterator[types.Batch]:
     b, s, c = self._batch, self._image_size, self._info.num_classes
     for i in range(self._num_batches):
       first = self._start + i * b

@@ -17,7 +17,6 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from xception_jax import data as data_lib
 from xception_jax.data import source as source_lib
 
 # tfds names whose label is not a plain supervised key: name -> (image key, label getter).
@@ -57,7 +56,7 @@ def _not_prepared_message(builder, name: str, data_dir: str) -> str:
 
 
 def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  if name in data_lib.EMBEDDED_DATASETS:
+  if name in source_lib.EMBEDDED_DATASETS:
     from xception_jax.data import embedded
     return embedded.prepare(name, data_dir)
   try:
@@ -66,8 +65,8 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     raise ValueError(
         f"config.dataset={name!r} is not a tfds dataset (registered or prepared in "
         f"config.data_dir={_default_data_dir(data_dir)!r}). Valid: a tfds name such as "
-        f"'imagenet2012', 'imagefolder:ROOT', {list(data_lib.EMBEDDED_DATASETS)} or "
-        f"'{data_lib.SYNTHETIC}'.") from e
+        f"'imagenet2012', 'imagefolder:ROOT', {list(source_lib.EMBEDDED_DATASETS)} or "
+        f"'{source_lib.SYNTHETIC}'.") from e
   if not builder.is_prepared():
     raise FileNotFoundError(_not_prepared_message(builder, name, data_dir))
   return builder

@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Any
 
+from xception_jax.models import widths as widths_lib
 from xception_jax.models import xception_arch
 from xception_jax.models import xception_costs
 
@@ -150,7 +151,7 @@ def fit_budget(arch: xception_arch.XceptionArchitecture,
     ValueError: an invalid budget, or no widths on the allowed grid within the tolerance.
   """
   target = _target(arch, budget)
-  quanta = {slot: xception_arch.WIDTH_QUANTUM for slot in xception_arch.WIDTH_SLOTS}
+  quanta = {slot: widths_lib.WIDTH_QUANTUM for slot in xception_arch.WIDTH_SLOTS}
   for layer in xception_arch.separable_layers(arch.num_middle_blocks):
     slot = layer.spatial_slot(arch.order)
     quanta[slot] = math.lcm(quanta[slot], xception_arch.rule_quantum(arch.rule(layer.flow)))

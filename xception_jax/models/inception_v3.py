@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from xception_jax.models import head
 from xception_jax.models import layers
+from xception_jax.models import widths
 
 # Smallest input side: the stem and the two stride-2 reductions need 75 pixels (Keras's min_size).
 MIN_IMAGE_SIZE = 75
@@ -140,13 +141,6 @@ def conv_name(branch: int, position: int, side: str = "") -> str:
   return f"branch{branch}_{position}{side}"
 
 
-def scaled_filters(filters: int, width_multiplier: float) -> int:
-  """Channels after the width multiplier: a multiple of 8 (at least 8), exact at 1.0."""
-  if width_multiplier == 1.0:
-    return filters
-  return max(8, int(round(filters * width_multiplier / 8)) * 8)
-
-
 class ConvBN(nn.Module):
   """Keras's `conv2d_bn`: Conv (no bias) -> BatchNorm (no scale, eps 1e-3) -> ReLU."""
   spec: Conv
@@ -156,7 +150,7 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Conv(
-        scaled_filters(self.spec.filters, self.width_multiplier), self.spec.kernel,
+        widths.scaled_width(self.spec.filters, self.width_multiplier), self.spec.kernel,
         strides=self.spec.stride, padding=self.spec.padding, use_bias=False, dtype=self.dtype,
         kernel_init=layers.kernel_init, name="conv")(x)
     x = layers.BatchNorm(use_running_average=not train, use_scale=False, dtype=self.dtype,

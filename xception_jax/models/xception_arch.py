@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 from xception_jax.models import layers
+from xception_jax.models import widths as widths_lib
 
 # The eight distinct channel widths of Xception, in network order. The middle flow's width is also
 # the width of block4 (entry) and of block13_sepconv1 (exit), because identity shortcuts need it.
@@ -33,7 +34,6 @@ WIDTH_SLOTS = ("stem1", "stem2", "entry1", "entry2", "middle", "exit1", "exit2",
 REFERENCE_WIDTHS = (32, 64, 128, 256, 728, 1024, 1536, 2048)
 FLOWS = ("entry", "middle", "exit")
 MIN_IMAGE_SIZE = 71  # Keras's minimum: the smallest input whose exit flow is still >= 3x3.
-WIDTH_QUANTUM = 8  # widths from a multiplier or the budget solver are multiples of 8
 
 # --- The description ---------------------------------------------------------------------------
 
@@ -303,11 +303,7 @@ def _base_widths(widths: Any, width_multiplier: Any) -> tuple[int, ...]:
       raise ValueError(f"widths needs {len(WIDTH_SLOTS)} ints for slots {list(WIDTH_SLOTS)}, "
                        f"got {widths!r}")
     widths = tuple(_check_int(f"widths[{s!r}]", w, 1) for s, w in zip(WIDTH_SLOTS, widths))
-  base = widths or REFERENCE_WIDTHS
-  if width_multiplier == 1.0:
-    return tuple(base)
-  return tuple(max(WIDTH_QUANTUM, round(w * width_multiplier / WIDTH_QUANTUM) * WIDTH_QUANTUM)
-               for w in base)
+  return tuple(widths_lib.scaled_width(w, width_multiplier) for w in widths or REFERENCE_WIDTHS)
 
 
 def validate_settings(*, segments: Any = None, group_width: Any = None,

@@ -6,8 +6,8 @@
 Why a tool of its own: a sweep over the spectrum is dozens of ImageNet-scale runs, so the cost of
 one step decides what research is affordable, and it must be measured on exactly what training
 runs. This tool therefore builds the step with the training job's own functions
-(`train.create_model`, `optim.create_optimizer`, `train.create_train_state`,
-`train.make_train_step`: loss, gradients, L2 decay, SGD momentum, EMA of weights and batch
+(`train.create_model`, `optim.create_optimizer`, `steps.create_train_state`,
+`steps.make_train_step`: loss, gradients, L2 decay, SGD momentum, EMA of weights and batch
 statistics, NaN counter, metrics) from the paper's ImageNet recipe (`configs/imagenet.py`), and
 jits it with the same shardings and state donation as `train.train_and_evaluate`. Inference is the
 forward pass in eval mode with the EMA weights, as evaluation and export use them.
@@ -70,8 +70,10 @@ import numpy as np
 import optax
 
 from configs import imagenet
+from xception_jax import config_check
 from xception_jax import data
 from xception_jax import optim
+from xception_jax import steps
 from xception_jax import train
 from xception_jax.data import synthetic
 from xception_jax.models import layers
@@ -283,11 +285,11 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   config = build_config(settings)
   mesh = train.make_mesh(config)
-  train.validate_config(config, mesh.shape["data"], jax.process_count())
+  config_check.validate(config, mesh.shape["data"], jax.process_count())
   model = train.create_model(config, settings.num_classes)
   steps_per_epoch = synthetic.NUM_TRAIN_EXAMPLES / settings.batch
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, config.total_steps)
-  state, state_shardings = train.create_train_state(model, tx, settings.image_size, mesh,
+  state, state_shardings = steps.create_train_state(model, tx, settings.image_size, mesh,
                                                     config.seed)
   num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
   data_sharding = NamedSharding(mesh, P("data"))
@@ -306,9 +308,9 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   start = time.perf_counter()
   if settings.mode == "train":
     # Exactly as train.train_and_evaluate compiles it.
-    step_jit = train.jit_train_step(
-        train.make_train_step(config, model, tx, schedule,
-                              train.make_loss_fn("softmax", settings.num_classes,
+    step_jit = steps.jit_train_step(
+        steps.make_train_step(config, model, tx, schedule,
+                              steps.make_loss_fn("softmax", settings.num_classes,
                                                  config.label_smoothing), multi_label=False),
         state_shardings, mesh)
     lowered = step_jit.lower(state, batches[0])

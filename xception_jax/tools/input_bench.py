@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from xception_jax import config_check
 from xception_jax import data
 
 FLAGS = flags.FLAGS
@@ -72,6 +73,7 @@ def _decode_baseline_iterator(config, info) -> Iterator:
 
 def measure(config, batches: int, warmup_batches: int, baseline: str = "none") -> dict:
   """Runs the pipeline and returns the throughput figures."""
+  config_check.validate(config, num_data_devices=1, process_count=1)  # one process, no mesh
   info = data.dataset_info(config)
   if baseline == "decode":
     if config.dataset == data.SYNTHETIC:

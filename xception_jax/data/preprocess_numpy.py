@@ -1,7 +1,7 @@
 """The eval preprocessing in numpy and PIL only: for inference without TensorFlow.
 
 The exported model and `predict` must run where TensorFlow is not installed (the GPU image has
-none), yet give the same answers as evaluation. This module reproduces `preprocess.eval_image`:
+none), yet give the same answers as evaluation. This module reproduces `preprocess_tf.eval_image`:
 decode to RGB (grey replicated, CMYK converted, alpha dropped), the same central crop window
 (tf.image.central_crop's integer arithmetic), bilinear resize with half-pixel centres and no
 antialiasing (TF's `tf.image.resize(..., 'bilinear', antialias=False)`, NOT PIL's resize, which

@@ -12,7 +12,7 @@ most 0.5/255 of noise to an image that random cropping and flipping already pert
 
 Eval: full decode (ISLOW IDCT, as PIL), central crop of `crop_fraction` of each side (0.875),
 resize bilinearly (half-pixel centres, no antialiasing, as TF-Slim) to S x S, scale to [-1, 1].
-`eval_preprocess.py` is a numpy/PIL twin of this path for TF-free inference.
+`preprocess_numpy.py` is a numpy/PIL twin of this path for TF-free inference.
 
 All randomness is stateless and seeded per example (`seed`: int64 [2]) so a training batch is a
 pure function of (config.seed, step, process): see `pipeline.py`.
@@ -40,7 +40,7 @@ def _as_rgb(image: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_full(encoded: tf.Tensor, accurate_dct: bool = False) -> tf.Tensor:
-  if accurate_dct:  # libjpeg's ISLOW IDCT, the one PIL uses: eval matches eval_preprocess.py
+  if accurate_dct:  # libjpeg's ISLOW IDCT, the one PIL uses: eval matches preprocess_numpy.py
     image = tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
@@ -139,7 +139,7 @@ def central_crop_window(height, width, crop_fraction: float):
   """(offset_y, offset_x, crop_height, crop_width) exactly as tf.image.central_crop computes it.
 
   start = floor((size - size * fraction) / 2) in float64, crop = size - 2 * start (so images
-  smaller than one pixel of margin keep their full extent). `eval_preprocess.py` mirrors this.
+  smaller than one pixel of margin keep their full extent). `preprocess_numpy.py` mirrors this.
   """
   def start(size):
     size = tf.cast(size, tf.float64)
@@ -153,7 +153,7 @@ def eval_image(image: tf.Tensor, *, image_size: int, crop_fraction: float = 0.87
   image = tf.convert_to_tensor(image)
   if image.dtype == tf.string:
     # Full decode, then crop: decoding only the window would change the chroma upsampling at
-    # its border (up to ~10/255 on a few pixels), breaking agreement with eval_preprocess.py.
+    # its border (up to ~10/255 on a few pixels), breaking agreement with preprocess_numpy.py.
     pixels = _decode_full(image, accurate_dct=True)
     shape = tf.shape(pixels)
     top, left, height, width = central_crop_window(shape[0], shape[1], crop_fraction)
