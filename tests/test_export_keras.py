@@ -20,6 +20,7 @@ import keras_reference
 from xception_jax import export
 from xception_jax import keras_weights
 from xception_jax import predict
+from xception_jax import serving
 from xception_jax.data import eval_preprocess
 
 SIZE = 75  # the exported function's input size (Xception's weights work at any size >= 71)
@@ -58,7 +59,7 @@ def test_export_from_keras_then_predict_prints_kerass_top_classes(keras_home, ke
   out = str(tmp_path / "export")
   assert export.main(["--from=keras:xception", f"--out={out}", f"--image-size={SIZE}",
                       "--saved-model=no"]) == 0
-  metadata = json.load(open(os.path.join(out, export.METADATA_FILE)))
+  metadata = json.load(open(os.path.join(out, serving.METADATA_FILE)))
   assert metadata["class_ids"] == list(synsets)
   assert metadata["class_names"][:2] == [f"{synsets[0]}_name", f"{synsets[1]}_name"]
   assert metadata["source"]["keras"] == "keras:xception"

@@ -25,6 +25,7 @@ from configs import spectrum
 from xception_jax import checkpointing
 from xception_jax import export
 from xception_jax import paths
+from xception_jax import serving
 from xception_jax import train
 from xception_jax import workdir as workdir_lib
 
@@ -456,7 +457,7 @@ def test_gs_workdir_run_resume_and_export(gcs_emulator, tmp_path):
 
   out = f"{gcs_emulator}/exports/a"
   assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
-  predictor = export.load(out)
+  predictor = serving.load(out)
   assert predictor.metadata["source"]["step"] == 3
   probabilities = predictor.predict([np.zeros((40, 50, 3), np.uint8)])
   assert probabilities.shape == (1, 10)

@@ -12,6 +12,7 @@ from PIL import Image
 from configs import quickstart
 from xception_jax import export
 from xception_jax import predict
+from xception_jax import serving
 from xception_jax import train
 
 CLASS_NAMES = ["red", "green", "blue", "cyan", "magenta", "yellow"]
@@ -73,7 +74,7 @@ def test_json_lists_every_file_in_order_with_errors_and_exit_status_1(export_dir
   captured = capsys.readouterr()
   results = json.loads(captured.out)
   assert [r["file"] for r in results] == files
-  probabilities = export.load(export_dir).predict(good)
+  probabilities = serving.load(export_dir).predict(good)
   for result, expected in zip([results[i] for i in (0, 2, 5)], probabilities):
     assert result["error"] is None
     best = np.argsort(-expected)[:2]
@@ -116,7 +117,7 @@ def test_unusable_export_or_arguments_exit_2(export_dir, tmp_path, capsys):
   assert "not a directory" in capsys.readouterr().err
   incomplete = tmp_path / "incomplete"
   incomplete.mkdir()
-  (incomplete / export.VARIABLES_FILE).write_bytes(b"")
+  (incomplete / serving.VARIABLES_FILE).write_bytes(b"")
   assert predict.main([f"--model={incomplete}", "a.jpg"]) == 2
   assert "export.json is missing" in capsys.readouterr().err
   with pytest.raises(SystemExit) as info:

@@ -56,22 +56,28 @@ def accept_hyphens(argv: Sequence[str], flag_values: flags.FlagValues) -> list[s
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, prog: str,
-          description: str = "") -> list[str]:
+          description: str = "", positional: str = "", unknown_hint: str = "") -> list[str]:
   """Parses `argv` (without the program name; None = sys.argv[1:]) into `flag_values`.
 
   Every flag starts from its default, so a second call does not inherit the first's values.
-  Returns the positional arguments. --help prints the flags and exits 0; a bad flag prints one
-  error line and exits 2, as argparse did for these tools.
+  Returns the positional arguments (`positional` names them in the usage line). --help prints
+  the flags and exits 0; a bad flag prints one error line and exits 2, as argparse did for
+  these tools (`unknown_hint` is added to the line for an unknown flag).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   before_separator = argv[:argv.index("--")] if "--" in argv else argv
   if any(arg in _HELP for arg in before_separator):
-    print(f"usage: {prog} [flags]\n\n{description.strip()}\n\nflags:\n"
-          f"{flag_values.get_help(include_special_flags=False)}")
+    listing = flag_values.get_help(include_special_flags=False).splitlines()
+    flag_lines = [line for line in listing if line.startswith(" ")]  # not the module headers
+    print(f"usage: {prog} [flags] {positional}".rstrip())
+    print(f"\n{description.strip()}\n\nflags:\n" + "\n".join(flag_lines))
     raise SystemExit(0)
   flag_values.unparse_flags()
   try:
     return flag_values([prog, *accept_hyphens(argv, flag_values)])[1:]
+  except flags.UnrecognizedFlagError as e:
+    guess = f" (did you mean --{e.suggestions[0]}?)" if e.suggestions else ""
+    usage_error(prog, f"unrecognised argument {e.flagvalue or e.flagname!r}{guess}{unknown_hint}")
   except (flags.Error, ValueError) as e:
     usage_error(prog, str(e))
 

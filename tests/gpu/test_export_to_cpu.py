@@ -2,7 +2,7 @@
 
 The variables live on the GPU (as a trained state does) when `export.write_export` writes them;
 a fresh process with JAX_PLATFORMS=cpu, standing in for a CPU-only machine, loads the export with
-`export.load` and predicts. Its logits must match the GPU's own float32 forward pass (highest
+`serving.load` and predicts. Its logits must match the GPU's own float32 forward pass (highest
 precision) within 1e-4 of the largest logit.
 """
 import os
@@ -26,8 +26,8 @@ NUM_CLASSES = 10
 _PREDICT_ON_CPU = """
 import sys
 import numpy as np
-from xception_jax import export
-predictor = export.load(sys.argv[1])
+from xception_jax import serving
+predictor = serving.load(sys.argv[1])
 np.save(sys.argv[3], predictor.run(np.load(sys.argv[2]))["logits"])
 """
 
