@@ -190,7 +190,7 @@ def workdir_8_devices(tmp_path_factory):
 def workdir_export(workdir_8_devices, tmp_path_factory):
   workdir = workdir_8_devices[0]
   out = str(tmp_path_factory.mktemp("cli") / "export")
-  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
+  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved_model=no"]) == 0
   return out
 
 
@@ -228,7 +228,7 @@ def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   result = subprocess.run(
       [sys.executable, "-c", _FRESH_PROCESS, f"--model={workdir_export}", "--json",
-       f"--top-k={len(CLASS_NAMES)}", *paths, str(tmp_path / "missing.png")],
+       f"--top_k={len(CLASS_NAMES)}", *paths, str(tmp_path / "missing.png")],
       env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 1, result.stderr[-3000:]  # 1: one file failed, the others ran
   report = json.loads(result.stderr.split("REPORT ")[-1])
@@ -274,7 +274,7 @@ def test_raw_weights_flag_and_step(workdir_8_devices, tmp_path):
   workdir, _, raw, _ = workdir_8_devices
   out = str(tmp_path / "raw")
   assert export.main([f"--workdir={workdir}", f"--out={out}", f"--step={STEP}",
-                      "--raw-weights", "--saved-model=no"]) == 0
+                      "--raw_weights", "--saved_model=no"]) == 0
   flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
   for name, value in export.flatten_variables(raw).items():
     np.testing.assert_array_equal(flat[name], value)
@@ -481,7 +481,7 @@ def test_export_of_a_real_training_run_reproduces_its_ema_eval(tmp_path):
   config.model.segments = "4"
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   metrics = train.train_and_evaluate(config, workdir)
-  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
+  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved_model=no"]) == 0
   predictor = serving.load(out)
   info = data.dataset_info(config)
   assert predictor.class_names == list(info.class_names)

@@ -57,8 +57,8 @@ def test_export_from_keras_then_predict_prints_kerass_top_classes(keras_home, ke
                                                                    tmp_path, capsys):
   _, keras_model, synsets = keras_home
   out = str(tmp_path / "export")
-  assert export.main(["--from=keras:xception", f"--out={out}", f"--image-size={SIZE}",
-                      "--saved-model=no"]) == 0
+  assert export.main(["--from=keras:xception", f"--out={out}", f"--image_size={SIZE}",
+                      "--saved_model=no"]) == 0
   metadata = json.load(open(os.path.join(out, serving.METADATA_FILE)))
   assert metadata["class_ids"] == list(synsets)
   assert metadata["class_names"][:2] == [f"{synsets[0]}_name", f"{synsets[1]}_name"]
@@ -71,7 +71,7 @@ def test_export_from_keras_then_predict_prints_kerass_top_classes(keras_home, ke
     Image.fromarray(rng.integers(0, 256, (90 + 10 * i, 100, 3), dtype=np.uint8)).save(path)
     paths.append(path)
   capsys.readouterr()
-  assert predict.main(["--model", out, "--json", "--top-k=3", *paths]) == 0
+  assert predict.main(["--model", out, "--json", "--top_k=3", *paths]) == 0
   results = json.loads(capsys.readouterr().out)
 
   images = np.stack([eval_preprocess.eval_image(open(p, "rb").read(), SIZE, 0.875)

@@ -76,7 +76,8 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, prog: str,
   try:
     return flag_values([prog, *accept_hyphens(argv, flag_values)])[1:]
   except flags.UnrecognizedFlagError as e:
-    guess = f" (did you mean --{e.suggestions[0]}?)" if e.suggestions else ""
+    suggestions = getattr(e, "suggestions", None)  # absl >= 2.2
+    guess = f" (did you mean --{suggestions[0]}?)" if suggestions else ""
     usage_error(prog, f"unrecognised argument {e.flagvalue or e.flagname!r}{guess}{unknown_hint}")
   except (flags.Error, ValueError) as e:
     usage_error(prog, str(e))

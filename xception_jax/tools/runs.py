@@ -124,6 +124,74 @@ def summarize_metrics(records: Sequence[dict[str, float]]) -> dict[str, Any]:
   return out
 
 
+def analytic_cost(config: dict[str, Any], num_classes: int | None) -> dict[str, Any]:
+  """Analytic MACs and the middle flow's segment count G, from the model settings.
+
+  G is what the spectrum plot's x axis shows: for 'depthwise' it is the middle flow's channel
+  count (728 for Xception), so depthwise sits at the far right of the same log2 axis. Models
+  without analytic formulas (Inception V3) get None.
+  """
+  kwargs = dict(config.get("model") or {})
+  if kwargs.get("budget") in ("", "none"):
+    kwargs["budget"] = None  # configs spell "no budget" as ""
+  if num_classes:
+    kwargs["num_classes"] = int(num_classes)
+  try:
+    cost = costs.model_cost(config["model_name"], image_size=int(config["image_size"]), **kwargs)
+  except (ValueError, TypeError, KeyError) as e:
+    logging.info("No analytic cost for %s: %s", config.get("model_name"), e)
+    return {"macs": None, "middle_segments": None, "analytic_params": None}
+  arch = cost.architecture
+  middle = [layer.name for layer in xception_arch.separable_layers(arch.num_middle_blocks)
+            if layer.flow == "middle"]
+  layer = middle[0] if middle else arch.layer_segments[-1][0]
+  return {"macs": cost.macs_total, "middle_segments": arch.segments(layer),
+          "analytic_params": cost.params}
+
+
+def collect_run(workdir: str, root: str) -> dict[str, Any]:
+  """One CSV row: settings, status, costs and metric summary of the run in `workdir`."""
+  config = _read_json(os.path.join(workdir, "config.json"))
+  run_info = _read_json(os.path.join(workdir, "run.json"))
+  model = config.get("model") or {}
+  steps = workdir_lib.checkpoint_steps(workdir)
+  total = run_info.get("total_steps")
+  records = read_metrics(workdir)
+  last_step = max([int(r["step"]) for r in records] + steps, default=0)
+  row: dict[str, Any] = {
+      "run": os.path.relpath(workdir, root) if workdir.rstrip("/") != root.rstrip("/")
+             else paths.Path(workdir).name,
+      "model_name": config.get("model_name"),
+      "segments": models.segments_label(model.get("segments")) if "model_name" in config else None,
+      "order": model.get("order", "depthwise_first"),
+      "mid_activation": model.get("mid_activation", "none"),
+      "residual": model.get("residual", True),
+      "budget": model.get("budget") or "none",
+      "seed": config.get("seed"),
+      "dataset": run_info.get("dataset", config.get("dataset")),
+      "image_size": config.get("image_size"),
+      "batch_size": config.get("batch_size"),
+      "status": "finished" if (total is not None and steps and steps[-1] >= total) else "unfinished",
+      "step": last_step,
+      "total_steps": total,
+      "params": run_info.get("num_params"),
+      "devices": run_info.get("devices"),
+      "headline_metric": headline_metric(config, run_info),
+  }
+  if config.get("model_name"):
+    row.update(analytic_cost(config, run_info.get("num_classes")))
+  row.update(summarize_metrics(records))
+  row["final"] = row.get(f"final_{row['headline_metric']}")
+  row["best"] = row.get(f"best_{row['headline_metric']}")
+  row["_records"] = records
+  return row
+
+
+def collect(root: str) -> list[dict[str, Any]]:
+  """Rows of every run under `root`."""
+  return [collect_run(workdir, root) for workdir in find_runs(root)]
+
+
 def group_key(row: dict[str, Any]) -> tuple:
   return tuple(row.get(k) for k in GROUP_SETTINGS)
 
