@@ -81,7 +81,7 @@ from xception_jax.models import xception_arch
 from xception_jax.tools import measurements
 
 MODES = ("train", "infer")
-DTYPES = tuple(layers.DTYPES)
+DTYPES = train._DTYPES  # pylint: disable=protected-access  (the compute dtypes training accepts)
 # Weight decay per model in the paper's ImageNet recipe (configs/imagenet.py,
 # configs/inception_v3_imagenet.py); other models get Xception's.
 _WEIGHT_DECAY = {"inception_v3": 4e-5, "inception_v3_tiny": 4e-5}
