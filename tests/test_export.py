@@ -29,6 +29,7 @@ from configs import quickstart
 from xception_jax import checkpointing
 from xception_jax import data
 from xception_jax import export
+from xception_jax import models
 from xception_jax import serving
 from xception_jax import train
 from xception_jax.data import eval_preprocess
@@ -80,7 +81,7 @@ def random_batch(n, image_size, seed=1):
 
 def write_tiny_export(out, loss="softmax", class_names=CLASS_NAMES, saved_model=False):
   config = make_config("xception_tiny", 72)
-  model = train.create_model(config, len(CLASS_NAMES))
+  model = models.create_model(config, len(CLASS_NAMES))
   variables = random_variables(model, 72)
   run = {"num_classes": len(CLASS_NAMES), "loss": loss, "multi_label": loss == "sigmoid",
          "class_names": list(class_names) if class_names else None}
@@ -115,7 +116,7 @@ PARITY_CASES = [
 def test_exported_function_matches_model_eval_at_batch_1_and_5(tmp_path, model_name, image_size,
                                                                model_kwargs, loss):
   config = make_config(model_name, image_size, **model_kwargs)
-  model = train.create_model(config, 7)
+  model = models.create_model(config, 7)
   variables = random_variables(model, image_size)
   out = str(tmp_path / "export")
   export.write_export(out, config, {"num_classes": 7, "loss": loss}, variables,
@@ -163,7 +164,7 @@ def workdir_8_devices(tmp_path_factory):
   assert jax.device_count() == 8
   workdir = str(tmp_path_factory.mktemp("run"))
   config = make_config("xception_tiny", 72)
-  model = train.create_model(config, len(CLASS_NAMES))
+  model = models.create_model(config, len(CLASS_NAMES))
   raw = random_variables(model, 72, seed=0)
   ema = random_variables(model, 72, seed=1)
   state = {"step": np.int32(STEP), "params": raw["params"], "batch_stats": raw["batch_stats"],

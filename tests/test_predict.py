@@ -11,9 +11,9 @@ from PIL import Image
 
 from configs import quickstart
 from xception_jax import export
+from xception_jax import models
 from xception_jax import predict
 from xception_jax import serving
-from xception_jax import train
 
 CLASS_NAMES = ["red", "green", "blue", "cyan", "magenta", "yellow"]
 IMAGE_SIZE = 72
@@ -27,7 +27,7 @@ def export_dir(tmp_path_factory):
   config.model_name = "xception_tiny"
   config.model = ml_collections.ConfigDict()
   config.image_size = IMAGE_SIZE
-  model = train.create_model(config, len(CLASS_NAMES))
+  model = models.create_model(config, len(CLASS_NAMES))
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                           jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
   rng = np.random.default_rng(0)

@@ -2,7 +2,8 @@
 
 Where things live:
   models/       Flax Linen modules and the registry `models.create(name, **kwargs)`.
-  data/         tfds input pipelines, the embedded datasets, synthetic batches (only place TF is used).
+  data/         tfds input pipelines, the embedded datasets, synthetic batches (TF is used there
+                and in the SavedModel writer only).
   optim.py      the optax chain (SGD / RMSprop), learning-rate schedules, EMA.
   train.py      `train_and_evaluate(config, workdir)`: sharded train and eval steps, the loop.
   main.py       the command-line entry point (flags only).

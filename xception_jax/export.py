@@ -229,9 +229,7 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
     variables: {'params', 'batch_stats'} trees of arrays (other keys are ignored).
     source: where the weights come from, stored in the metadata; 'step' and 'weights'
       ('ema' | 'raw') are expected, anything else JSON-serialisable is kept as is.
-    saved_model: also write a TF SavedModel. None = when TensorFlow is importable; True = required
-      (error without TensorFlow); False = never.
-    overwrite: replace `out` if it is an earlier export (never any other non-empty folder).
+    saved_model, overwrite: as for `export_run`.
   """
   if paths.is_remote(out):
     _check_out_dir(out, overwrite)
@@ -290,7 +288,9 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
     # export.json last: it marks the export complete.
     with open(os.path.join(staging, serving.METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from others
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from others
     if os.path.exists(out):
       shutil.rmtree(out)  # _check_out_dir allowed it: an earlier export, or empty
     os.rename(staging, out)
@@ -368,12 +368,6 @@ def _metadata(config, run: dict[str, Any], source: dict[str, Any], flat: dict[st
       },
       "versions": versions_lib.library_versions(libraries),
   }
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
 
 
 def _check_out_dir(out: str, overwrite: bool) -> None:

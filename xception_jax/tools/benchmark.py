@@ -6,7 +6,7 @@
 Why a tool of its own: a sweep over the spectrum is dozens of ImageNet-scale runs, so the cost of
 one step decides what research is affordable, and it must be measured on exactly what training
 runs. This tool therefore builds the step with the training job's own functions
-(`train.create_model`, `optim.create_optimizer`, `train.create_train_state`,
+(`models.create_model`, `optim.create_optimizer`, `train.create_train_state`,
 `train.make_train_step`: loss, gradients, L2 decay, SGD momentum, EMA of weights and batch
 statistics, NaN counter, metrics) from the paper's ImageNet recipe (`configs/imagenet.py`), and
 jits it with the same shardings and state donation as `train.train_and_evaluate`. Inference is the
