@@ -131,10 +131,10 @@ def _check_values(axis: str, values: list[str]) -> list[str]:
     out = []
     for value in values:
       try:
-        segments = models.parse_segments(value) if "=" not in value else None
+        segments = models.parse_segments(value)
       except ValueError:
         segments = None
-      if segments is None:
+      if not isinstance(segments, (int, str)):  # a per-flow dict is no point of this axis
         raise ValueError(f"{flag}: {value!r} is not a segment count; valid: positive integers "
                          "(1 = regular convolution) or 'depthwise'.")
       out.append(str(segments))
