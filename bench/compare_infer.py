@@ -1,4 +1,4 @@
-"""CPU inference: our export (`export.load(DIR)`) against Keras 3's `model.predict`, same network.
+"""CPU inference: our export (`serving.load(DIR)`) against Keras 3's `model.predict`, same network.
 
   python bench/compare_infer.py                                  # batch 1 and 32 at 299x299, 3 rounds
   python bench/compare_infer.py --rounds=3 --calls=5 --json-out=F \
@@ -6,9 +6,9 @@
 
 What is timed, per batch size B (a preprocessed float32 [B, 299, 299, 3] batch, random Xception
 weights; the arithmetic does not depend on their values):
-  * ours, `export.load(DIR).predict_preprocessed(x)`: the exported StableHLO function, as
+  * ours, `serving.load(DIR).predict_preprocessed(x)`: the exported StableHLO function, as
     `predict` and a serving process run it (probabilities back on the host);
-  * ours, `export.load(DIR).predict(images)`: the same from B uint8 500x375 images, our numpy/PIL
+  * ours, `serving.load(DIR).predict(images)`: the same from B uint8 500x375 images, our numpy/PIL
     eval preprocessing (central crop, bilinear resize, scaling) included;
   * Keras 3, `keras.applications.Xception(weights=None)`: `model.predict(x, batch_size=B)` (what
     Keras users call) and `model.predict_on_batch(x)` (less per-call overhead), on the JAX
@@ -71,9 +71,9 @@ def _inputs(batch: int, image_size: int, channels_first: bool = False):
 def measure_ours(export_dir: str, batches: Sequence[int], calls: int, warmup: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from xception_jax import export  # pylint: disable=g-import-not-at-top
+  from xception_jax import serving  # pylint: disable=g-import-not-at-top
 
-  predictor = export.load(export_dir, max_batch_size=max(batches))
+  predictor = serving.load(export_dir, max_batch_size=max(batches))
   size = predictor.image_size
   rng = np.random.default_rng(0)
   results = {}

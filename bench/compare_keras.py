@@ -99,8 +99,8 @@ def compare(batch: int, image_size: int, steps: int, warmup: int, rounds: int,
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
   env.pop("XLA_FLAGS", None)  # one CPU device each, as a plain `python` run gets
   ours_cmd = ["-m", "xception_jax.tools.benchmark", "--model=xception", "--mode=train",
-              f"--batch={batch}", f"--image-size={image_size}", f"--steps={steps}",
-              f"--warmup={warmup}", f"--dtype={dtype}", f"--num-classes={num_classes}", "--json"]
+              f"--batch={batch}", f"--image_size={image_size}", f"--steps={steps}",
+              f"--warmup={warmup}", f"--dtype={dtype}", f"--num_classes={num_classes}", "--json"]
   keras_cmd = [os.path.abspath(__file__), "--measure-keras", f"--batch={batch}",
                f"--image-size={image_size}", f"--steps={steps}", f"--warmup={warmup}",
                f"--num-classes={num_classes}"]

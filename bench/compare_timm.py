@@ -148,7 +148,7 @@ def compare(models: Sequence[str], modes: Sequence[str], batch: int, image_size:
   """Every (model, mode, implementation) measurement, each in its own subprocess.
 
   `impls` picks among IMPLS; `ours_args` are extra flags of the benchmark tool (e.g.
-  --profile-dir); with `jsonl_out` each measurement is appended there as one JSON line as soon as
+  --profile_dir); with `jsonl_out` each measurement is appended there as one JSON line as soon as
   it is taken, so a run cut off later keeps what it measured.
   """
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -158,8 +158,8 @@ def compare(models: Sequence[str], modes: Sequence[str], batch: int, image_size:
   results = []
   for model in models:
     for mode in modes:
-      common = [f"--batch={batch}", f"--image-size={image_size}", f"--steps={steps}",
-                f"--warmup={warmup}", f"--dtype={dtype}", f"--num-classes={num_classes}"]
+      common = [f"--batch={batch}", f"--image_size={image_size}", f"--steps={steps}",
+                f"--warmup={warmup}", f"--dtype={dtype}", f"--num_classes={num_classes}"]
       runs = [("ours", [ours_python, "-m", "xception_jax.tools.benchmark", f"--model={model}",
                         f"--mode={mode}", "--json", *common, *ours_args])]
       timm_cmd = [sys.executable, os.path.abspath(__file__), "--measure-timm", f"--models={model}",
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--impls", default="ours,eager,compile",
                  help="which implementations to measure: ours, eager, compile (timm's)")
   p.add_argument("--ours-args", default="",
-                 help="extra flags for our benchmark tool, e.g. '--profile-dir=DIR'")
+                 help="extra flags for our benchmark tool, e.g. '--profile_dir=DIR'")
   p.add_argument("--json-out", default="", help="also write every measurement here")
   p.add_argument("--jsonl-out", default="",
                  help="append each measurement here as one JSON line as soon as it is taken")

@@ -11,7 +11,7 @@ machine at the end of the run and again on any machine afterwards.
 
 Targets (issues 12 and 13): training at >= 1.25x timm's best (eager or compiled) images/s,
 inference at >= 1.0x; the spectrum's step time at every G <= 1.5x the slower endpoint (G = 1 and
-depthwise) with the formulation the code picks (--conv-formulation=auto).
+depthwise) with the formulation the code picks (--conv_formulation=auto).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def _segments_of(point: str) -> str:
 
 def _formulation_of(point: str) -> str:
   for flag in point.split():
-    if flag.startswith("--conv-formulation="):
+    if flag.startswith(("--conv_formulation=", "--conv-formulation=")):  # -: older results
       return flag.split("=", 1)[1]
   return "auto"
 

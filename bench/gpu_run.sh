@@ -69,12 +69,12 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN
 
 if (( SMOKE )); then
   SIZE=(--batch=2 --image-size=75 --steps=1 --warmup=1 --dtype=bfloat16)
-  POINT_SIZE="--batch=2 --image-size=75 --steps=1 --warmup=1 --dtype=bfloat16"
+  POINT_SIZE="--batch=2 --image_size=75 --steps=1 --warmup=1 --dtype=bfloat16"
   TIMM_DEVICE=(--device=cpu)
   export JAX_PLATFORMS=cpu XJ_GPU_TEST_BACKEND=cpu
 else
   SIZE=(--batch=128 --image-size=299 --steps=10 --warmup=3 --dtype=bfloat16)
-  POINT_SIZE="--batch=128 --image-size=299 --steps=6 --warmup=2 --dtype=bfloat16"
+  POINT_SIZE="--batch=128 --image_size=299 --steps=6 --warmup=2 --dtype=bfloat16"
   TIMM_DEVICE=(--device=cuda)
 fi
 
@@ -177,10 +177,10 @@ timm_stage() {
 # versus_timm MODEL: the six measurements of section 1 (train first), ours traced for profiles.
 versus_timm() {
   local model=$1
-  timm_stage "$model" train ours 120 "--profile-dir=$WORK/prof_${model}_train"
+  timm_stage "$model" train ours 120 "--profile_dir=$WORK/prof_${model}_train"
   timm_stage "$model" train eager 60
   timm_stage "$model" train compile 150
-  timm_stage "$model" infer ours 75 "--profile-dir=$WORK/prof_${model}_infer"
+  timm_stage "$model" infer ours 75 "--profile_dir=$WORK/prof_${model}_infer"
   timm_stage "$model" infer eager 45
   timm_stage "$model" infer compile 120
 }
@@ -224,7 +224,7 @@ case $PLAN in
     if (( SMOKE )) && [[ -z $worst ]]; then worst="$SPECTRUM_COMMON --segments=64"; fi
     if [[ -n $worst ]] && wanted profile-worst; then
       stage profile-worst 90 "$PY" bench/run_points.py --tag=profile-worst --jsonl-out="$RESULTS" \
-        "$worst --profile-dir=$WORK/prof_worst"
+        "$worst --profile_dir=$WORK/prof_worst"
       stage profile 45 bash -c "'$PY' bench/profile_summary.py '$WORK/prof_worst' --top=15 \
         --jsonl-out='$RESULTS' >> '$PROFILE'"
     fi

@@ -4,7 +4,7 @@
 
 Why: when a GPU target is missed, the issue asks for the kernels that take the time, summarised
 small enough to paste into BENCHMARKS.md, from a trace taken on a machine that keeps nothing
-(`tools/benchmark.py --profile-dir=DIR` traces 5 steps; the trace itself is too large to bring
+(`tools/benchmark.py --profile_dir=DIR` traces 5 steps; the trace itself is too large to bring
 back). Reads the newest `*.xplane.pb` under TRACE_DIR with `jax.profiler.ProfileData` (no
 TensorFlow or TensorBoard needed) and adds up event durations by name:
 
@@ -42,7 +42,7 @@ def find_xplane(path: str) -> str:
   found = glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True)
   if not found:
     raise FileNotFoundError(f"{path}: no *.xplane.pb under it; expected the folder given to "
-                            "jax.profiler.trace (tools/benchmark.py --profile-dir)")
+                            "jax.profiler.trace (tools/benchmark.py --profile_dir)")
   return max(found, key=os.path.getmtime)
 
 

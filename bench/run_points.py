@@ -3,7 +3,7 @@
   python bench/run_points.py --jsonl-out=F --tag=spectrum \\
       --common="--model=xception --budget=params --mode=train --batch=128 --dtype=bfloat16" \\
       --segments=depthwise --segments=1 --segments=64:grouped=rewritten ...
-  python bench/run_points.py --jsonl-out=F --tag=x "--segments=4 --conv-formulation=native" ...
+  python bench/run_points.py --jsonl-out=F --tag=x "--segments=4 --conv_formulation=native" ...
 
 Why: a GPU session has minutes, and the spectrum is 15 compiled training steps; starting JAX,
 its CUDA client and our imports once instead of 15 times saves about a minute. Each point is
@@ -13,7 +13,7 @@ same `run_benchmark`; its result (or its error) is one JSON line with `tag`, `po
 its timeout keeps every point it finished. Caveat: the device's peak memory is the process's, so
 after the first point it is the largest of all points so far (`points_before` says how many).
 
-`--segments=G[:FORMULATION]` is shorthand for `--segments=G [--conv-formulation=FORMULATION]`.
+`--segments=G[:FORMULATION]` is shorthand for `--segments=G [--conv_formulation=FORMULATION]`.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def expand(points: Sequence[str], segments: Sequence[str]) -> list[str]:
   out = list(points)
   for item in segments:
     g, _, form = item.partition(":")
-    out.append(f"--segments={g}" + (f" --conv-formulation={form}" if form else ""))
+    out.append(f"--segments={g}" + (f" --conv_formulation={form}" if form else ""))
   return out
 
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("points", nargs="*", help="benchmark flags of one point, as one string")
   p.add_argument("--segments", action="append", default=[],
-                 help="G[:FORMULATION]: a point --segments=G [--conv-formulation=FORMULATION]")
+                 help="G[:FORMULATION]: a point --segments=G [--conv_formulation=FORMULATION]")
   p.add_argument("--common", default="", help="benchmark flags shared by every point")
   p.add_argument("--tag", default="points", help="written into every result")
   p.add_argument("--jsonl-out", required=True, help="results are appended here, one per line")

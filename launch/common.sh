@@ -28,3 +28,18 @@ quote_all() {
   done
   printf '%s' "$out"
 }
+
+# The main args (after '--') must name the workdir and must not set what the launcher sets itself
+# (the coordinator flags). Usage: check_main_args WHY ARG... ; WHY ends the error line for a
+# coordinator flag, after the flag itself.
+check_main_args() {
+  local why="$1" arg have_workdir=0
+  shift
+  for arg in "$@"; do
+    case "$arg" in
+      --workdir=*) have_workdir=1 ;;
+      --coordinator_address*|--num_processes*|--process_id*) die "'$arg'$why" ;;
+    esac
+  done
+  ((have_workdir)) || die "the main args (after '--') need --workdir=DIR (and --config=...)."
+}

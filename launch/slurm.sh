@@ -93,15 +93,8 @@ case "$per" in
   *) die "--per must be 'gpu' (one process per GPU) or 'host' (one per node), got '$per'." ;;
 esac
 [[ "$job_name" =~ ^[A-Za-z0-9_.+=,-]+$ ]] || die "--job-name='$job_name': use letters, digits and _.+=,- only."
-have_workdir=0
-for arg in "${main_args[@]+"${main_args[@]}"}"; do
-  case "$arg" in
-    --workdir=*) have_workdir=1 ;;
-    --coordinator_address*|--num_processes*|--process_id*)
-      die "'$arg' is set by the batch script from SLURM's environment; remove it from the main args." ;;
-  esac
-done
-((have_workdir)) || die "the main args (after '--') need --workdir=DIR (and --config=...)."
+check_main_args " is set by the batch script from SLURM's environment; remove it from the main args." \
+  "${main_args[@]+"${main_args[@]}"}"
 if [[ -z "$python" ]]; then
   python="$(command -v python || command -v python3 || true)"
   [[ -n "$python" ]] || die "no python on PATH; pass --python=PATH (the interpreter on the nodes)."

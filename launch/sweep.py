@@ -1,10 +1,10 @@
 """Grid sweeps over the spectrum: every combination of settings x seeds, one workdir per run.
 
   python launch/sweep.py --config=configs/spectrum.py --segments=1,4,16,depthwise --seeds=3 \
-      --budget=params,none --workdir-root=/runs/spectrum
+      --budget=params,none --workdir_root=/runs/spectrum
   python launch/sweep.py --config=configs/spectrum.py --segments=1,depthwise --seeds=2 \
-      --runlocal --workdir-root=/tmp/sweep --dry-run
-  python launch/sweep.py ... --launcher=slurm --launcher-args="--nodes=1 --gpus-per-node=8"
+      --runlocal --workdir_root=/tmp/sweep --dry_run
+  python launch/sweep.py ... --launcher=slurm --launcher_args="--nodes=1 --gpus-per-node=8"
 
 Each run gets a stable id derived from its settings, e.g. `segments-4_budget-params_seed-0_1a2b3c4d`
 (the hash covers the config file, its argument string and every --config.* override, so a run
@@ -20,7 +20,7 @@ The skip/resume decision reads the workdirs from here, so for cluster launchers 
 should be on a file system this machine sees too (otherwise every run is started, and finished
 ones end at once after restoring their last checkpoint).
 
-Spectrum axes (--segments, --order, --mid-activation, --residual, --budget) take comma-separated
+Spectrum axes (--segments, --order, --mid_activation, --residual, --budget) take comma-separated
 lists and become the config's argument string (configs/spectrum.py:segments=4,budget=params);
 only the axes given are set, the others keep the config's defaults. Seeds go in as --config.seed.
 Any further `--config.KEY=VALUE` is passed to every run unchanged. Reports:
@@ -28,7 +28,6 @@ Any further `--config.KEY=VALUE` is passed to every run unchanged. Reports:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -39,9 +38,13 @@ import subprocess
 import sys
 from typing import Sequence
 
+from absl import flags
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+from xception_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from xception_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from xception_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 from xception_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -116,24 +119,25 @@ def run_status(workdir: str) -> RunStatus:
 def _split_list(flag: str, value: str) -> list[str]:
   items = [item.strip() for item in value.split(",") if item.strip()]
   if not items:
-    raise ValueError(f"--{flag.replace('_', '-')}={value!r}: give at least one value.")
+    raise ValueError(f"--{flag}={value!r}: give at least one value.")
   if len(set(items)) != len(items):
-    raise ValueError(f"--{flag.replace('_', '-')}={value!r} lists a value twice.")
+    raise ValueError(f"--{flag}={value!r} lists a value twice.")
   return items
 
 
 def _check_values(axis: str, values: list[str]) -> list[str]:
-  flag = f"--{axis.replace('_', '-')}"
+  flag = f"--{axis}"
   if axis == "segments":
     out = []
     for value in values:
-      if value.lower() == "depthwise":
-        out.append("depthwise")
-      elif value.isdigit() and int(value) >= 1:
-        out.append(str(int(value)))
-      else:
+      try:
+        segments = models.parse_segments(value)
+      except ValueError:
+        segments = None
+      if not isinstance(segments, (int, str)):  # a per-flow dict is no point of this axis
         raise ValueError(f"{flag}: {value!r} is not a segment count; valid: positive integers "
                          "(1 = regular convolution) or 'depthwise'.")
+      out.append(str(segments))
     return out
   valid = AXES[axis][1]
   values = [v.lower() for v in values]
@@ -168,7 +172,7 @@ def expand_grid(config: str, axes: dict[str, list[str]], seeds: Sequence[int],
     key = item.partition("=")[0]
     if key in {AXES[a][0] for a in axes}:
       raise ValueError(f"--config={config!r} sets {key!r}, which the sweep also sets with "
-                       f"--{key.replace('_', '-')}; give it in one place.")
+                       f"--{key}; give it in one place.")
   names = [a for a in AXES if a in axes]
   runs = []
   for values in itertools.product(*(axes[a] for a in names)):
@@ -236,45 +240,57 @@ def _run_and_log(command: Sequence[str], log_path: str) -> int:
     log.close()
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  parser = argparse.ArgumentParser(
-      prog="launch/sweep.py", allow_abbrev=False,
-      description="Grid sweep over the spectrum (see the module docstring). Extra "
-                  "--config.KEY=VALUE arguments are passed to every run.")
-  parser.add_argument("--config", required=True,
-                      help="config file, optionally with arguments: configs/spectrum.py[:runlocal]")
-  parser.add_argument("--segments", required=True,
-                      help="comma-separated segment counts and/or 'depthwise', e.g. 1,4,16,depthwise")
-  parser.add_argument("--order", help="comma-separated: depthwise_first, pointwise_first")
-  parser.add_argument("--mid-activation", dest="mid_activation",
-                      help="comma-separated: none, relu, elu")
-  parser.add_argument("--residual", help="comma-separated: true, false")
-  parser.add_argument("--budget", help="comma-separated: params (equal parameter count), none")
-  parser.add_argument("--seeds", type=int, default=1, help="seeds per setting: 0 .. N-1 "
-                      "(from --first-seed)")
-  parser.add_argument("--first-seed", dest="first_seed", type=int, default=0)
-  parser.add_argument("--runlocal", action="store_true",
-                      help="add 'runlocal' to the config arguments (CPU-sized runs, embedded data)")
-  parser.add_argument("--workdir-root", dest="workdir_root", required=True,
-                      help="parent folder of the runs' workdirs")
-  parser.add_argument("--launcher", choices=LAUNCHERS, default="local")
-  parser.add_argument("--launcher-args", dest="launcher_args", default="",
-                      help="options for launch/tpu_vm.sh or launch/slurm.sh, as one string")
-  parser.add_argument("--python", default=sys.executable,
-                      help="interpreter for local runs (default: this one)")
-  parser.add_argument("--dry-run", dest="dry_run", action="store_true",
-                      help="print one `python -m xception_jax.main ...` command per run; run none")
-  args, extra = parser.parse_known_args(argv)
-  for item in extra:
-    if not item.startswith("--config.") or "=" not in item:
-      parser.error(f"unrecognised argument {item!r}: only --config.KEY=VALUE overrides are "
-                   "passed through to the runs.")
+PROG = "launch/sweep.py"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("config", None, "Config file, optionally with arguments: "
+                    "configs/spectrum.py[:runlocal].", flag_values=FLAGS)
+flags.DEFINE_string("segments", None, "Comma-separated segment counts and/or 'depthwise', e.g. "
+                    "1,4,16,depthwise.", flag_values=FLAGS)
+flags.DEFINE_string("order", None, "Comma-separated: depthwise_first, pointwise_first.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("mid_activation", None, "Comma-separated: none, relu, elu.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("residual", None, "Comma-separated: true, false.", flag_values=FLAGS)
+flags.DEFINE_string("budget", None, "Comma-separated: params (equal parameter count), none.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("seeds", 1, "Seeds per setting: 0 .. N-1 (from --first_seed).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("first_seed", 0, "The first seed.", flag_values=FLAGS)
+flags.DEFINE_bool("runlocal", False, "Add 'runlocal' to the config arguments (CPU-sized runs, "
+                  "embedded data).", flag_values=FLAGS)
+flags.DEFINE_string("workdir_root", None, "Parent folder of the runs' workdirs.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("launcher", "local", LAUNCHERS, "Where the runs go.", flag_values=FLAGS)
+flags.DEFINE_string("launcher_args", "", "Options for launch/tpu_vm.sh or launch/slurm.sh, as "
+                    "one string.", flag_values=FLAGS)
+flags.DEFINE_string("python", sys.executable, "Interpreter for local runs (default: this one).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print one `python -m xception_jax.main ...` command per "
+                  "run; run none.", flag_values=FLAGS)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[flags.FlagValues, list[str]]:
+  """The sweep's flags (in FLAGS) and the --config.KEY=VALUE overrides passed to every run."""
+  unknown = ": only --config.KEY=VALUE overrides are passed through to the runs."
+  overrides = [a for a in argv if a.startswith("--config.")]
+  for item in overrides:
+    if "=" not in item:
+      cli.usage_error(PROG, f"unrecognised argument {item!r}{unknown}")
     if item.startswith("--config.seed="):
-      parser.error("--config.seed is set per run by the sweep; use --seeds / --first-seed.")
-  return args, extra
+      cli.usage_error(PROG, "--config.seed is set per run by the sweep; use --seeds / "
+                      "--first_seed.")
+  positional = cli.parse(FLAGS, [a for a in argv if not a.startswith("--config.")], PROG,
+                         "Grid sweep over the spectrum (see the module docstring).",
+                         unknown_hint=unknown)
+  if positional:
+    cli.usage_error(PROG, f"unrecognised argument {positional[0]!r}{unknown}")
+  for name in ("config", "segments", "workdir_root"):
+    if FLAGS[name].value is None:
+      cli.usage_error(PROG, f"--{name} is required.")
+  return FLAGS, overrides
 
 
-def build_runs(args: argparse.Namespace, overrides: Sequence[str]) -> list[Run]:
+def build_runs(args: flags.FlagValues, overrides: Sequence[str]) -> list[Run]:
   """The validated grid from the parsed flags; raises ValueError naming the flag at fault."""
   config_file = args.config.partition(":")[0]
   if not os.path.isfile(config_file):
@@ -282,10 +298,10 @@ def build_runs(args: argparse.Namespace, overrides: Sequence[str]) -> list[Run]:
   if args.seeds < 1:
     raise ValueError(f"--seeds={args.seeds}: must be >= 1 (seeds per setting).")
   if args.first_seed < 0:
-    raise ValueError(f"--first-seed={args.first_seed}: must be >= 0.")
+    raise ValueError(f"--first_seed={args.first_seed}: must be >= 0.")
   axes = {}
   for axis in AXES:
-    value = getattr(args, axis)
+    value = args[axis].value
     if value is not None:
       axes[axis] = _check_values(axis, _split_list(axis, value))
   config = args.config
@@ -309,7 +325,7 @@ def main(argv: Sequence[str]) -> int:
     return 2
   launcher_args = shlex.split(args.launcher_args)
   if args.launcher == "local" and launcher_args:
-    print("launch/sweep.py: error: --launcher-args is for --launcher=tpu or slurm.", file=sys.stderr)
+    print("launch/sweep.py: error: --launcher_args is for --launcher=tpu or slurm.", file=sys.stderr)
     return 2
 
   failed, started, skipped = [], 0, 0

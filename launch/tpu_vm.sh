@@ -62,15 +62,8 @@ main_args=("$@")
 [[ -n "$tpu" ]] || die "--tpu=NAME is required (the TPU VM's name, see 'gcloud compute tpus tpu-vm list')."
 [[ -n "$zone" ]] || die "--zone=ZONE is required (the TPU VM's zone)."
 [[ -n "$remote_dir" ]] || die "--remote-dir must not be empty."
-have_workdir=0
-for arg in "${main_args[@]+"${main_args[@]}"}"; do
-  case "$arg" in
-    --workdir=*) have_workdir=1 ;;
-    --coordinator_address*|--num_processes*|--process_id*)
-      die "'$arg': TPU workers find each other by themselves; remove it from the main args." ;;
-  esac
-done
-((have_workdir)) || die "the main args (after '--') need --workdir=DIR (and --config=...)."
+check_main_args ": TPU workers find each other by themselves; remove it from the main args." \
+  "${main_args[@]+"${main_args[@]}"}"
 
 gcloud_common=(--zone="$zone")
 [[ -z "$project" ]] || gcloud_common+=(--project="$project")

@@ -12,6 +12,7 @@ import pytest
 
 from xception_jax.models import costs
 from xception_jax.tools import benchmark
+from xception_jax.tools import measurements
 
 _NUMBERS = ("compile_s", "step_time_ms", "step_time_ms_min", "images_per_sec", "tflops",
             "flops_per_step", "process_cpu_ms_per_step")
@@ -29,14 +30,14 @@ _NUMBERS = ("compile_s", "step_time_ms", "step_time_ms_min", "images_per_sec", "
     ("cpu", "bfloat16", None),
 ])
 def test_peak_table(kind, dtype, expected):
-  assert benchmark.peak_tflops_for(kind, dtype) == expected
+  assert measurements.peak_tflops_for(kind, dtype) == expected
 
 
 def test_train_step_of_xception_tiny_runs_and_counts_analytic_flops(capsys):
   # 8 fake CPU devices (conftest): batch 8 is split over the 'data' axis like a real run.
-  benchmark.main(["--model=xception_tiny", "--mode=train", "--batch=8", "--image-size=71",
-                  "--steps=2", "--warmup=0", "--segments=2", "--num-classes=10", "--json",
-                  "--peak-tflops=1.0"])
+  benchmark.main(["--model=xception_tiny", "--mode=train", "--batch=8", "--image_size=71",
+                  "--steps=2", "--warmup=0", "--segments=2", "--num_classes=10", "--json",
+                  "--peak_tflops=1.0"])
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for key in _NUMBERS:
     assert math.isfinite(result[key]) and result[key] > 0, key
@@ -50,7 +51,7 @@ def test_train_step_of_xception_tiny_runs_and_counts_analytic_flops(capsys):
   # side is off by a pass): a little under it, because the images need no gradient, a little
   # over it for batch norm, the optimizer and the EMA.
   assert 0.8 < result["xla_flops_per_step"] / result["flops_per_step"] < 1.3
-  # --peak-tflops is per device; MFU is against all 8.
+  # --peak_tflops is per device; MFU is against all 8.
   assert result["peak_tflops"] == 8.0
   assert result["mfu"] == pytest.approx(result["tflops"] / 8.0)
   assert result["peak_memory_bytes_compiled"] > 0
@@ -78,7 +79,7 @@ def test_flags():
   assert (settings.image_size, settings.segments, settings.budget, settings.dtype) == (
       128, "depthwise", "params", "bfloat16")
   assert not as_json
-  settings, as_json = benchmark.parse_args(["--image-size=99", "--segments=4", "--json"])
+  settings, as_json = benchmark.parse_args(["--image_size=99", "--segments=4", "--json"])
   assert (settings.image_size, settings.segments, as_json) == (99, 4, True)
   with pytest.raises(SystemExit):
     benchmark.parse_args(["--segments=four"])

@@ -2,7 +2,7 @@
 
 `layers.CONV_FORMULATIONS` says, per kind of convolution (depthwise, grouped, pointwise 1x1),
 which platforms run the rewritten form; `layers.conv_formulation` forces a form on every platform
-so the two can be timed against each other on a GPU (`tools/benchmark.py --conv-formulation`).
+so the two can be timed against each other on a GPU (`tools/benchmark.py --conv_formulation`).
 Checked here on the CPU: the forced forms compute what the native op computes (values and
 gradients, fp32 and bf16) when called without `lax.platform_dependent`; a program lowered for
 CUDA holds the native convolutions by default, and matrix products where the override or the
@@ -22,6 +22,7 @@ from test_cpu_formulations import (_assert_close, _lowered_ops, _native_conv, _n
                                    _ours_conv, _value_and_grads)
 from xception_jax.models import layers
 from xception_jax.tools import benchmark
+from xception_jax.tools import measurements
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -102,10 +103,10 @@ def test_cuda_lowering_follows_the_table_and_the_override(monkeypatch):
 
 
 def test_benchmark_flag_is_validated_and_takes_effect(tmp_path, capsys, monkeypatch):
-  with pytest.raises(ValueError, match="--conv-formulation"):
+  with pytest.raises(ValueError, match="--conv_formulation"):
     benchmark.BenchmarkSettings(conv_formulation="grouped=fast").validate()
-  settings, _ = benchmark.parse_args(["--conv-formulation=grouped=rewritten",
-                                      f"--profile-dir={tmp_path}"])
+  settings, _ = benchmark.parse_args(["--conv_formulation=grouped=rewritten",
+                                      f"--profile_dir={tmp_path}"])
   assert settings.conv_formulation == "grouped=rewritten" and settings.profile_dir == str(tmp_path)
   # The whole build-lower-compile-time runs inside the override (the real run is exercised by
   # tests/test_benchmark.py with the default, and on a model by `bench/gpu_run.sh --smoke`).
@@ -117,8 +118,8 @@ def test_benchmark_flag_is_validated_and_takes_effect(tmp_path, capsys, monkeypa
   x, w = _normal(0, (1, 6, 6, 8)), _normal(1, (3, 3, 1, 8))
   step = jax.jit(lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 8))
   with layers.conv_formulation("native"):
-    assert benchmark._count_ops(step.lower(x, w)) == {"convolution": 1, "dot_general": 0}
-  assert benchmark._profile(lambda i: step(x, w), 0, str(tmp_path / "trace")) is None
+    assert measurements.count_ops(step.lower(x, w)) == {"convolution": 1, "dot_general": 0}
+  assert measurements.profile(lambda i: step(x, w), 0, str(tmp_path / "trace")) is None
   assert profile_summary.main([str(tmp_path / "trace"), "--top=3",
                                f"--json-out={tmp_path}/p.json"]) == 0
   summary = json.loads((tmp_path / "p.json").read_text())

@@ -29,6 +29,8 @@ from configs import quickstart
 from xception_jax import checkpointing
 from xception_jax import data
 from xception_jax import export
+from xception_jax import models
+from xception_jax import serving
 from xception_jax import train
 from xception_jax.data import preprocess_numpy
 
@@ -79,7 +81,7 @@ def random_batch(n, image_size, seed=1):
 
 def write_tiny_export(out, loss="softmax", class_names=CLASS_NAMES, saved_model=False):
   config = make_config("xception_tiny", 72)
-  model = train.create_model(config, len(CLASS_NAMES))
+  model = models.create_model(config, len(CLASS_NAMES))
   variables = random_variables(model, 72)
   run = {"num_classes": len(CLASS_NAMES), "loss": loss, "multi_label": loss == "sigmoid",
          "class_names": list(class_names) if class_names else None}
@@ -114,16 +116,16 @@ PARITY_CASES = [
 def test_exported_function_matches_model_eval_at_batch_1_and_5(tmp_path, model_name, image_size,
                                                                model_kwargs, loss):
   config = make_config(model_name, image_size, **model_kwargs)
-  model = train.create_model(config, 7)
+  model = models.create_model(config, 7)
   variables = random_variables(model, image_size)
   out = str(tmp_path / "export")
   export.write_export(out, config, {"num_classes": 7, "loss": loss}, variables,
                       source={"step": 0, "weights": "ema"}, saved_model=False)
 
   # The serialized function, straight from disk, with only jax: batch 5 and batch 1.
-  with open(os.path.join(out, export.FUNCTION_FILE), "rb") as f:
+  with open(os.path.join(out, serving.FUNCTION_FILE), "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
-  flat = dict(np.load(os.path.join(out, export.VARIABLES_FILE)))
+  flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
   images = random_batch(5, image_size)
   expected = model_eval(model, variables, images)
   activation = jax.nn.softmax if loss == "softmax" else jax.nn.sigmoid
@@ -137,7 +139,7 @@ def test_exported_function_matches_model_eval_at_batch_1_and_5(tmp_path, model_n
 
 def test_batch_norm_is_not_folded_and_names_match_the_model(tiny_export):
   out, _, variables = tiny_export
-  flat = dict(np.load(os.path.join(out, export.VARIABLES_FILE)))
+  flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
   expected = export.flatten_variables(variables)
   assert sorted(flat) == sorted(expected)
   assert any(k.startswith("batch_stats/") for k in flat)
@@ -162,7 +164,7 @@ def workdir_8_devices(tmp_path_factory):
   assert jax.device_count() == 8
   workdir = str(tmp_path_factory.mktemp("run"))
   config = make_config("xception_tiny", 72)
-  model = train.create_model(config, len(CLASS_NAMES))
+  model = models.create_model(config, len(CLASS_NAMES))
   raw = random_variables(model, 72, seed=0)
   ema = random_variables(model, 72, seed=1)
   state = {"step": np.int32(STEP), "params": raw["params"], "batch_stats": raw["batch_stats"],
@@ -189,7 +191,7 @@ def workdir_8_devices(tmp_path_factory):
 def workdir_export(workdir_8_devices, tmp_path_factory):
   workdir = workdir_8_devices[0]
   out = str(tmp_path_factory.mktemp("cli") / "export")
-  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
+  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved_model=no"]) == 0
   return out
 
 
@@ -227,7 +229,7 @@ def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   result = subprocess.run(
       [sys.executable, "-c", _FRESH_PROCESS, f"--model={workdir_export}", "--json",
-       f"--top-k={len(CLASS_NAMES)}", *paths, str(tmp_path / "missing.png")],
+       f"--top_k={len(CLASS_NAMES)}", *paths, str(tmp_path / "missing.png")],
       env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 1, result.stderr[-3000:]  # 1: one file failed, the others ran
   report = json.loads(result.stderr.split("REPORT ")[-1])
@@ -247,8 +249,8 @@ def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir
 
 def test_metadata_describes_the_run(workdir_8_devices, workdir_export):
   workdir = workdir_8_devices[0]
-  metadata = export.read_metadata(workdir_export)
-  assert metadata["format_version"] == export.FORMAT_VERSION
+  metadata = serving.read_metadata(workdir_export)
+  assert metadata["format_version"] == serving.FORMAT_VERSION
   assert metadata["model"]["name"] == "xception_tiny"
   assert metadata["model"]["num_classes"] == len(CLASS_NAMES)
   assert metadata["class_names"] == list(CLASS_NAMES)
@@ -273,11 +275,11 @@ def test_raw_weights_flag_and_step(workdir_8_devices, tmp_path):
   workdir, _, raw, _ = workdir_8_devices
   out = str(tmp_path / "raw")
   assert export.main([f"--workdir={workdir}", f"--out={out}", f"--step={STEP}",
-                      "--raw-weights", "--saved-model=no"]) == 0
-  flat = dict(np.load(os.path.join(out, export.VARIABLES_FILE)))
+                      "--raw_weights", "--saved_model=no"]) == 0
+  flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
   for name, value in export.flatten_variables(raw).items():
     np.testing.assert_array_equal(flat[name], value)
-  assert export.read_metadata(out)["source"]["weights"] == "raw"
+  assert serving.read_metadata(out)["source"]["weights"] == "raw"
 
 
 def test_command_line_errors_name_the_problem(workdir_8_devices, workdir_export, tmp_path,
@@ -320,7 +322,7 @@ def _png(path, shape, seed):
 
 def test_predict_applies_the_eval_preprocessing_to_arrays_and_files(tiny_export, tmp_path):
   out, model, variables = tiny_export
-  predictor = export.load(out, max_batch_size=4)
+  predictor = serving.load(out, max_batch_size=4)
   arrays = [np.random.default_rng(i).integers(0, 256, (60 + 17 * i, 90 - 5 * i, 3),
                                               dtype=np.uint8) for i in range(6)]
   path = str(tmp_path / "image.png")
@@ -345,7 +347,7 @@ def test_predict_applies_the_eval_preprocessing_to_arrays_and_files(tiny_export,
 
 
 def test_bad_arrays_give_clear_errors(tiny_export):
-  predictor = export.load(tiny_export[0])
+  predictor = serving.load(tiny_export[0])
   good = np.zeros((2, 72, 72, 3), np.float32)
   with pytest.raises(ValueError, match="rank 3"):
     predictor.run(good[0])
@@ -357,9 +359,9 @@ def test_bad_arrays_give_clear_errors(tiny_export):
     predictor.run(good.astype(np.uint8))
   with pytest.raises(ValueError, match="64x64"):
     predictor.run(np.zeros((2, 64, 64, 3), np.float32))
-  with pytest.raises(export.ImageError, match=r"images\[1\].*dtype float32"):
+  with pytest.raises(serving.ImageError, match=r"images\[1\].*dtype float32"):
     predictor.predict([np.zeros((9, 9, 3), np.uint8), np.zeros((9, 9, 3), np.float32)])
-  with pytest.raises(export.ImageError, match=r"images\[0\].*shape \(9, 9, 5\)"):
+  with pytest.raises(serving.ImageError, match=r"images\[0\].*shape \(9, 9, 5\)"):
     predictor.predict([np.zeros((9, 9, 5), np.uint8)])
   with pytest.raises(ValueError, match=r"predict\(\[image\]\)"):
     predictor.predict(np.zeros((9, 9, 3), np.uint8))
@@ -368,7 +370,7 @@ def test_bad_arrays_give_clear_errors(tiny_export):
 
 
 def test_unreadable_files_are_named(tiny_export, tmp_path):
-  predictor = export.load(tiny_export[0])
+  predictor = serving.load(tiny_export[0])
   good = str(tmp_path / "good.png")
   _png(good, (40, 50, 3), seed=0)
   truncated = tmp_path / "truncated.jpg"
@@ -381,7 +383,7 @@ def test_unreadable_files_are_named(tiny_export, tmp_path):
   cases = {str(tmp_path / "missing.jpg"): "not found", str(truncated): "truncated or corrupt",
            str(text): "not an image", str(empty): "empty"}
   for path, reason in cases.items():
-    with pytest.raises(export.ImageError, match=reason) as info:
+    with pytest.raises(serving.ImageError, match=reason) as info:
       predictor.predict([good, path])
     assert info.value.source == path
   assert predictor.predict([good]).shape == (1, len(CLASS_NAMES))
@@ -394,49 +396,49 @@ def _copy(tiny_export, tmp_path, name="copy"):
 
 
 def test_incomplete_damaged_or_incompatible_exports_are_refused(tiny_export, tmp_path):
-  with pytest.raises(export.ExportFormatError, match="not a directory"):
-    export.load(tmp_path / "absent")
+  with pytest.raises(serving.ExportFormatError, match="not a directory"):
+    serving.load(tmp_path / "absent")
   missing_metadata = _copy(tiny_export, tmp_path, "a")
-  os.remove(os.path.join(missing_metadata, export.METADATA_FILE))
-  with pytest.raises(export.ExportFormatError, match="export.json is missing"):
-    export.load(missing_metadata)
-  for name in (export.VARIABLES_FILE, export.FUNCTION_FILE):
+  os.remove(os.path.join(missing_metadata, serving.METADATA_FILE))
+  with pytest.raises(serving.ExportFormatError, match="export.json is missing"):
+    serving.load(missing_metadata)
+  for name in (serving.VARIABLES_FILE, serving.FUNCTION_FILE):
     missing = _copy(tiny_export, tmp_path, f"missing-{name}")
     os.remove(os.path.join(missing, name))
-    with pytest.raises(export.ExportFormatError, match=f"{name} is missing"):
-      export.load(missing)
+    with pytest.raises(serving.ExportFormatError, match=f"{name} is missing"):
+      serving.load(missing)
     truncated = _copy(tiny_export, tmp_path, f"truncated-{name}")
     path = os.path.join(truncated, name)
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(export.ExportFormatError, match="truncated"):
-      export.load(truncated)
+    with pytest.raises(serving.ExportFormatError, match="truncated"):
+      serving.load(truncated)
   corrupted = _copy(tiny_export, tmp_path, "corrupted")
-  path = os.path.join(corrupted, export.VARIABLES_FILE)
+  path = os.path.join(corrupted, serving.VARIABLES_FILE)
   with open(path, "r+b") as f:
     f.seek(os.path.getsize(path) // 2)
     f.write(b"\x00\x01\x02\x03")
-  with pytest.raises(export.ExportFormatError, match="sha256"):
-    export.load(corrupted)
+  with pytest.raises(serving.ExportFormatError, match="sha256"):
+    serving.load(corrupted)
   newer = _copy(tiny_export, tmp_path, "newer")
-  metadata_path = os.path.join(newer, export.METADATA_FILE)
+  metadata_path = os.path.join(newer, serving.METADATA_FILE)
   with open(metadata_path) as f:
     metadata = json.load(f)
-  metadata["format_version"] = export.FORMAT_VERSION + 1
+  metadata["format_version"] = serving.FORMAT_VERSION + 1
   with open(metadata_path, "w") as f:
     json.dump(metadata, f)
-  with pytest.raises(export.ExportFormatError, match="format version"):
-    export.load(newer)
-  metadata["format_version"] = export.FORMAT_VERSION
+  with pytest.raises(serving.ExportFormatError, match="format version"):
+    serving.load(newer)
+  metadata["format_version"] = serving.FORMAT_VERSION
   del metadata["preprocessing"]["image_size"]
   with open(metadata_path, "w") as f:
     json.dump(metadata, f)
-  with pytest.raises(export.ExportFormatError, match="image_size"):
-    export.load(newer)
+  with pytest.raises(serving.ExportFormatError, match="image_size"):
+    serving.load(newer)
   with open(metadata_path, "w") as f:
     f.write("{ not json")
-  with pytest.raises(export.ExportFormatError, match="not valid JSON"):
-    export.load(newer)
+  with pytest.raises(serving.ExportFormatError, match="not valid JSON"):
+    serving.load(newer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,9 +450,9 @@ def test_saved_model_matches_model_and_serves_encoded_images(tmp_path):
   tf = pytest.importorskip("tensorflow")
   out = str(tmp_path / "export")
   model, variables = write_tiny_export(out, saved_model=True)
-  metadata = export.read_metadata(out)
-  assert metadata["saved_model"]["dir"] == export.SAVED_MODEL_DIR
-  loaded = tf.saved_model.load(os.path.join(out, export.SAVED_MODEL_DIR))
+  metadata = serving.read_metadata(out)
+  assert metadata["saved_model"]["dir"] == serving.SAVED_MODEL_DIR
+  loaded = tf.saved_model.load(os.path.join(out, serving.SAVED_MODEL_DIR))
   images = random_batch(5, 72)
   expected = model_eval(model, variables, images)
   for batch in (images, images[:1]):
@@ -466,7 +468,7 @@ def test_saved_model_matches_model_and_serves_encoded_images(tmp_path):
     _png(paths[-1], shape, seed=i)
   encoded = tf.constant([open(p, "rb").read() for p in paths])
   served = loaded.signatures["serving_default"](image_bytes=encoded)["probabilities"].numpy()
-  np.testing.assert_allclose(served, export.load(out).predict(paths), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(served, serving.load(out).predict(paths), rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -480,8 +482,8 @@ def test_export_of_a_real_training_run_reproduces_its_ema_eval(tmp_path):
   config.model.segments = "4"
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   metrics = train.train_and_evaluate(config, workdir)
-  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
-  predictor = export.load(out)
+  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved_model=no"]) == 0
+  predictor = serving.load(out)
   info = data.dataset_info(config)
   assert predictor.class_names == list(info.class_names)
   losses, correct, count = 0.0, 0.0, 0.0

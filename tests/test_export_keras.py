@@ -20,6 +20,7 @@ import keras_reference
 from xception_jax import export
 from xception_jax import keras_weights
 from xception_jax import predict
+from xception_jax import serving
 from xception_jax.data import preprocess_numpy
 
 SIZE = 75  # the exported function's input size (Xception's weights work at any size >= 71)
@@ -56,9 +57,9 @@ def test_export_from_keras_then_predict_prints_kerass_top_classes(keras_home, ke
                                                                    tmp_path, capsys):
   _, keras_model, synsets = keras_home
   out = str(tmp_path / "export")
-  assert export.main(["--from=keras:xception", f"--out={out}", f"--image-size={SIZE}",
-                      "--saved-model=no"]) == 0
-  metadata = json.load(open(os.path.join(out, export.METADATA_FILE)))
+  assert export.main(["--from=keras:xception", f"--out={out}", f"--image_size={SIZE}",
+                      "--saved_model=no"]) == 0
+  metadata = json.load(open(os.path.join(out, serving.METADATA_FILE)))
   assert metadata["class_ids"] == list(synsets)
   assert metadata["class_names"][:2] == [f"{synsets[0]}_name", f"{synsets[1]}_name"]
   assert metadata["source"]["keras"] == "keras:xception"
@@ -70,7 +71,7 @@ def test_export_from_keras_then_predict_prints_kerass_top_classes(keras_home, ke
     Image.fromarray(rng.integers(0, 256, (90 + 10 * i, 100, 3), dtype=np.uint8)).save(path)
     paths.append(path)
   capsys.readouterr()
-  assert predict.main(["--model", out, "--json", "--top-k=3", *paths]) == 0
+  assert predict.main(["--model", out, "--json", "--top_k=3", *paths]) == 0
   results = json.loads(capsys.readouterr().out)
 
   images = np.stack([preprocess_numpy.eval_image(open(p, "rb").read(), SIZE, 0.875)

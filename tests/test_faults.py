@@ -25,7 +25,9 @@ from configs import spectrum
 from xception_jax import checkpointing
 from xception_jax import evaluation
 from xception_jax import export
+from xception_jax import models
 from xception_jax import paths
+from xception_jax import serving
 from xception_jax import train
 from xception_jax import workdir as workdir_lib
 
@@ -191,7 +193,7 @@ def test_best_checkpoint_survives_a_new_manager_and_exports(tmp_path):
   import types  # pylint: disable=g-import-not-at-top
   from xception_jax import data  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  model = train.create_model(config, 10)
+  model = models.create_model(config, 10)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                           jax.ShapeDtypeStruct((1, 72, 72, 3), jnp.float32))
   variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
@@ -216,7 +218,7 @@ def test_best_checkpoint_survives_a_new_manager_and_exports(tmp_path):
                         per_epoch=1.0, num_steps=6, loss_kind="softmax")
   out = tmp_path / "export"
   assert export.main([f"--workdir={tmp_path}", f"--out={out}", "--checkpoint=best",
-                      "--saved-model=no"]) == 0
+                      "--saved_model=no"]) == 0
   metadata = json.loads((out / "export.json").read_text())
   assert metadata["source"]["step"] == 2 and metadata["source"]["checkpoint"] == "best"
   umask = os.umask(0o022)
@@ -254,7 +256,7 @@ def test_best_checkpoint_survives_a_resume_and_exports(tmp_path, monkeypatch):
 
   out = tmp_path / "export"
   assert export.main([f"--workdir={workdir}", f"--out={out}", "--checkpoint=best",
-                      "--saved-model=no"]) == 0
+                      "--saved_model=no"]) == 0
   metadata = json.loads((out / "export.json").read_text())
   assert metadata["source"]["step"] == 2 and metadata["source"]["checkpoint"] == "best"
   umask = os.umask(0o022)
@@ -435,7 +437,7 @@ def test_gs_workdir_run_resume_and_export(gcs_emulator, tmp_path):
   sweep = importlib.util.module_from_spec(spec)
   sys.modules.setdefault(spec.name, sweep)
   spec.loader.exec_module(sweep)
-  from xception_jax.tools import report  # pylint: disable=g-import-not-at-top
+  from xception_jax.tools import runs  # pylint: disable=g-import-not-at-top
   workdir = f"{gcs_emulator}/runs/a"
   first = train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=1,
                                                checkpoint_keep=1), workdir)
@@ -453,11 +455,11 @@ def test_gs_workdir_run_resume_and_export(gcs_emulator, tmp_path):
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]  # appended on resume
   assert any(p.name.startswith("config.resume-") for p in remote.iterdir())
   assert sweep.run_status(workdir).state == "finished"
-  assert report.find_runs(f"{gcs_emulator}/runs") == [workdir]
+  assert runs.find_runs(f"{gcs_emulator}/runs") == [workdir]
 
   out = f"{gcs_emulator}/exports/a"
-  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved-model=no"]) == 0
-  predictor = export.load(out)
+  assert export.main([f"--workdir={workdir}", f"--out={out}", "--saved_model=no"]) == 0
+  predictor = serving.load(out)
   assert predictor.metadata["source"]["step"] == 3
   probabilities = predictor.predict([np.zeros((40, 50, 3), np.uint8)])
   assert probabilities.shape == (1, 10)
@@ -552,10 +554,10 @@ def test_unknown_config_key_is_one_line_with_the_close_match(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--batch=0", "--batch=0 must be >= 1"),
     ("--steps=0", "--steps=0 must be >= 1"),
-    ("--image-size=10", "--image-size=10: xception_tiny needs >= 71"),
+    ("--image_size=10", "--image_size=10: xception_tiny needs >= 71"),
     ("--model=nope", "--model='nope'; valid: inception_v3"),
     ("--segments=3", "--segments=3: Invalid segment setting: segments=3 does not divide"),
-    ("--peak-tflops=-1", "--peak-tflops=-1.0 must be > 0"),
+    ("--peak_tflops=-1", "--peak_tflops=-1.0 must be > 0"),
 ])
 def test_benchmark_flags_are_checked_naming_the_flag(flag, message, capsys):
   from xception_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
@@ -569,11 +571,11 @@ def test_benchmark_flags_are_checked_naming_the_flag(flag, message, capsys):
 
 def test_model_info_bad_flags_are_one_line(tmp_path, capsys):
   from xception_jax.tools import model_info  # pylint: disable=g-import-not-at-top
-  assert model_info.main(["--fc-layers=a,b"]) == 2
+  assert model_info.main(["--fc_layers=a,b"]) == 2
   assert capsys.readouterr().err.strip() == (
-      "error: --fc-layers='a,b': comma-separated positive widths, e.g. 4096,4096")
+      "error: --fc_layers='a,b': comma-separated positive widths, e.g. 4096,4096")
   csv = tmp_path / "missing" / "sweep.csv"
-  assert model_info.main(["--sweep-segments", f"--csv={csv}"]) == 2
+  assert model_info.main(["--sweep_segments", f"--csv={csv}"]) == 2
   assert capsys.readouterr().err.strip() == (
       f"error: --csv={csv}: the folder {tmp_path}/missing does not exist")
 

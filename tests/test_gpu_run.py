@@ -80,7 +80,7 @@ def test_report_ratios_verdicts_and_profile_choices(tmp_path):
 def test_points_shorthand():
   assert run_points.expand(["--segments=4 --steps=2"], ["1", "64:grouped=rewritten"]) == [
       "--segments=4 --steps=2", "--segments=1",
-      "--segments=64 --conv-formulation=grouped=rewritten"]
+      "--segments=64 --conv_formulation=grouped=rewritten"]
 
 
 def test_gpu_run_script_needs_a_plan():

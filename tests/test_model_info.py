@@ -32,7 +32,7 @@ def test_report_for_xception(capsys):
 
 
 def test_report_for_a_segment_setting_and_budget(capsys):
-  assert model_info.main(["--model=xception", "--segments=4", "--image-size=299"]) == 0
+  assert model_info.main(["--model=xception", "--segments=4", "--image_size=299"]) == 0
   assert "62,890,616" in capsys.readouterr().out  # 34 layers' spatial convs now 9*C*C/4
   assert model_info.main(["--segments=1", "--budget=params"]) == 0
   out = capsys.readouterr().out
@@ -57,8 +57,8 @@ def test_every_sweep_row_matches_the_built_module(budget):
 
 def test_sweep_table_and_csv(tmp_path, capsys):
   path = tmp_path / "sweep.csv"
-  assert model_info.main(["--model=xception_small", "--sweep-segments", "--budget=params",
-                          "--image-size=80", f"--csv={path}"]) == 0
+  assert model_info.main(["--model=xception_small", "--sweep_segments", "--budget=params",
+                          "--image_size=80", f"--csv={path}"]) == 0
   out = capsys.readouterr().out
   with open(path) as f:
     rows = list(csv.DictReader(f))
@@ -76,15 +76,15 @@ def test_invalid_settings_are_reported(capsys):
   err = capsys.readouterr().err
   assert "728 channels" in err and "block4_sepconv2" in err
   assert model_info.main(["--csv=/tmp/x.csv"]) == 2
-  assert "--sweep-segments" in capsys.readouterr().err
-  assert model_info.main(["--image-size=64"]) == 2
+  assert "--sweep_segments" in capsys.readouterr().err
+  assert model_info.main(["--image_size=64"]) == 2
   assert ">= 71" in capsys.readouterr().err
 
 
 def test_parsers():
-  assert model_info.parse_segments("4") == 4
-  assert model_info.parse_segments("depthwise") == "depthwise"
-  assert model_info.parse_segments("entry=4,middle=depthwise") == {"entry": 4,
+  assert models.parse_segments("4") == 4
+  assert models.parse_segments("depthwise") == "depthwise"
+  assert models.parse_segments("entry=4,middle=depthwise") == {"entry": 4,
                                                                    "middle": "depthwise"}
   assert model_info.parse_image_size("320x240") == (320, 240)
   assert model_info.parse_budget("22,855,952") == 22_855_952
@@ -94,7 +94,7 @@ def test_parsers():
 
 def test_models_without_formulas_are_counted(capsys):
   """Other models (Inception V3) get eval_shape counts and XLA's multiply-adds."""
-  assert model_info.main(["--model=inception_v3_tiny", "--image-size=80"]) == 0
+  assert model_info.main(["--model=inception_v3_tiny", "--image_size=80"]) == 0
   out = capsys.readouterr().out
   params, batch_stats = _counted("inception_v3_tiny", 80)
   assert f"{params:,}" in out and f"{batch_stats:,}" in out and "XLA cost analysis" in out

@@ -11,8 +11,9 @@ from PIL import Image
 
 from configs import quickstart
 from xception_jax import export
+from xception_jax import models
 from xception_jax import predict
-from xception_jax import train
+from xception_jax import serving
 
 CLASS_NAMES = ["red", "green", "blue", "cyan", "magenta", "yellow"]
 IMAGE_SIZE = 72
@@ -26,7 +27,7 @@ def export_dir(tmp_path_factory):
   config.model_name = "xception_tiny"
   config.model = ml_collections.ConfigDict()
   config.image_size = IMAGE_SIZE
-  model = train.create_model(config, len(CLASS_NAMES))
+  model = models.create_model(config, len(CLASS_NAMES))
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                           jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
   rng = np.random.default_rng(0)
@@ -69,11 +70,11 @@ def test_json_lists_every_file_in_order_with_errors_and_exit_status_1(export_dir
   truncated = tmp_path / "cut.png"
   truncated.write_bytes(open(good[0], "rb").read()[:120])
   files = [good[0], missing, good[1], str(text), str(truncated), good[2]]
-  assert predict.main([f"--model={export_dir}", "--json", "--top-k=2", *files]) == 1
+  assert predict.main([f"--model={export_dir}", "--json", "--top_k=2", *files]) == 1
   captured = capsys.readouterr()
   results = json.loads(captured.out)
   assert [r["file"] for r in results] == files
-  probabilities = export.load(export_dir).predict(good)
+  probabilities = serving.load(export_dir).predict(good)
   for result, expected in zip([results[i] for i in (0, 2, 5)], probabilities):
     assert result["error"] is None
     best = np.argsort(-expected)[:2]
@@ -89,9 +90,9 @@ def test_json_lists_every_file_in_order_with_errors_and_exit_status_1(export_dir
 
 def test_text_output_and_exit_status_0(export_dir, tmp_path, capsys):
   files = _images(str(tmp_path), 2, seed=1)
-  assert predict.main([f"--model={export_dir}", "--top-k=10", *files]) == 0
+  assert predict.main([f"--model={export_dir}", "--top_k=10", *files]) == 0
   lines = capsys.readouterr().out.splitlines()
-  # --top-k larger than the class count lists every class once.
+  # --top_k larger than the class count lists every class once.
   assert len(lines) == 2 * (1 + len(CLASS_NAMES))
   assert lines[0] == files[0] and lines[1 + len(CLASS_NAMES)] == files[1]
   scores = [float(line.split()[0]) for line in lines[1:1 + len(CLASS_NAMES)]]
@@ -103,7 +104,7 @@ def test_text_output_and_exit_status_0(export_dir, tmp_path, capsys):
 
 def test_progress_bar_on_stderr_for_many_files(export_dir, tmp_path, capsys):
   files = _images(str(tmp_path), 10, seed=2)
-  assert predict.main([f"--model={export_dir}", "--json", "--batch-size=4", *files]) == 0
+  assert predict.main([f"--model={export_dir}", "--json", "--batch_size=4", *files]) == 0
   captured = capsys.readouterr()
   assert "10/10 files" in captured.err
   assert len(json.loads(captured.out)) == 10  # stdout holds only the results
@@ -116,10 +117,10 @@ def test_unusable_export_or_arguments_exit_2(export_dir, tmp_path, capsys):
   assert "not a directory" in capsys.readouterr().err
   incomplete = tmp_path / "incomplete"
   incomplete.mkdir()
-  (incomplete / export.VARIABLES_FILE).write_bytes(b"")
+  (incomplete / serving.VARIABLES_FILE).write_bytes(b"")
   assert predict.main([f"--model={incomplete}", "a.jpg"]) == 2
   assert "export.json is missing" in capsys.readouterr().err
   with pytest.raises(SystemExit) as info:
-    predict.main([f"--model={export_dir}", "--top-k=0", "a.jpg"])
+    predict.main([f"--model={export_dir}", "--top_k=0", "a.jpg"])
   assert info.value.code == 2
-  assert "--top-k=0" in capsys.readouterr().err
+  assert "--top_k=0" in capsys.readouterr().err

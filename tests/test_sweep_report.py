@@ -18,6 +18,7 @@ import pytest
 
 from xception_jax.models import costs
 from xception_jax.tools import report
+from xception_jax.tools import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_PY = os.path.join(REPO, "launch", "sweep.py")
@@ -60,7 +61,7 @@ def _flag(argv, name):
 
 def test_sweep_dry_run_prints_one_main_command_per_grid_point(tmp_path):
   args = ["--config=configs/spectrum.py", "--segments=1,4,depthwise", "--budget=params,none",
-          "--seeds=2", f"--workdir-root={tmp_path}", "--dry-run", "--config.total_steps=7"]
+          "--seeds=2", f"--workdir_root={tmp_path}", "--dry_run", "--config.total_steps=7"]
   result = _sweep(*args)
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
@@ -113,7 +114,7 @@ def _fake_run(workdir, total_steps, checkpoint_steps, metrics=(), config=None, r
 
 def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
   args = ["--config=configs/spectrum.py:runlocal", "--segments=1,depthwise", "--seeds=1",
-          f"--workdir-root={tmp_path}", "--dry-run"]
+          f"--workdir_root={tmp_path}", "--dry_run"]
   first = _commands(_sweep(*args).stdout)
   finished, unfinished = (_flag(argv, "--workdir") for argv in first)
   _fake_run(finished, 20, [10, 20])
@@ -133,8 +134,8 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
 
 def test_sweep_hands_runs_to_a_cluster_launcher(tmp_path):
   result = _sweep("--config=configs/spectrum.py", "--segments=1,8", "--seeds=1",
-                  f"--workdir-root={tmp_path}", "--dry-run", "--launcher=slurm",
-                  "--launcher-args=--nodes=2 --gpus-per-node=4")
+                  f"--workdir_root={tmp_path}", "--dry_run", "--launcher=slurm",
+                  "--launcher_args=--nodes=2 --gpus-per-node=4")
   assert result.returncode == 0, result.stderr
   via = [shlex.split(line.split("via: ", 1)[1]) for line in result.stdout.splitlines()
          if line.startswith("#   via: ")]
@@ -162,7 +163,7 @@ def test_sweep_hands_runs_to_a_cluster_launcher(tmp_path):
 def test_sweep_rejects_bad_input(tmp_path, args, message):
   if not any(a.startswith("--config=") for a in args):
     args = ["--config=configs/spectrum.py", *args]
-  result = _sweep(*args, f"--workdir-root={tmp_path}", "--dry-run")
+  result = _sweep(*args, f"--workdir_root={tmp_path}", "--dry_run")
   assert result.returncode == 2
   assert message in result.stderr
 
@@ -255,7 +256,7 @@ def test_report_csv_and_plots_from_known_runs(tmp_path):
 
   # Spectrum points: one curve per budget, mean and sample std over the 2 seeds.
   plotted = [r for r in result["rows"] if r["status"] == "finished" and r.get("middle_segments")]
-  curves = report.spectrum_points(plotted)
+  curves = runs.spectrum_points(plotted)
   assert set(curves) == {"budget=none", "budget=params"}
   for label, points in curves.items():
     budget = label.split("=")[1]
@@ -290,10 +291,10 @@ def test_report_reads_a_resumed_run_as_its_latest_attempt():
              {"step": 6, "eval/ema_top1": 0.9},  # lost with attempt 1
              {"step": 6, "train/loss": 2.1}, {"step": 6, "eval/ema_top1": 0.5},
              {"step": 8, "train/loss": 1.8}, {"step": 8, "eval/ema_top1": 0.45}]
-  series = report.metric_series(records)
+  series = runs.metric_series(records)
   assert series["train/loss"] == [(2, 3.0), (4, 2.5), (6, 2.1), (8, 1.8)]
   assert series["eval/ema_top1"] == [(4, 0.4), (6, 0.5), (8, 0.45)]
-  summary = report.summarize_metrics(records)
+  summary = runs.summarize_metrics(records)
   assert summary["final_eval/ema_top1"] == 0.45 and summary["best_eval/ema_top1"] == 0.5
 
 
@@ -303,7 +304,7 @@ def test_report_survives_a_torn_metrics_line(tmp_path):
             run_info=dict(num_params=1, num_classes=10))
   with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
     f.write('{"step": 5, "train/lo')  # killed mid-write
-  rows = report.collect(str(tmp_path))
+  rows = runs.collect(str(tmp_path))
   assert len(rows) == 1 and rows[0]["final"] == 0.5 and rows[0]["final_train/loss"] == 1.5
 
 
@@ -322,7 +323,7 @@ def tfds_data_dir(tmp_path_factory):
 def test_tiny_sweep_end_to_end_rerun_skips_then_report(tmp_path, tfds_data_dir):
   root = tmp_path / "sweep"
   args = ["--config=configs/spectrum.py", "--segments=1,depthwise", "--budget=params", "--seeds=2",
-          "--runlocal", f"--workdir-root={root}", "--config.total_steps=4",
+          "--runlocal", f"--workdir_root={root}", "--config.total_steps=4",
           "--config.log_every_steps=2", "--config.eval_every_steps=2",
           "--config.checkpoint_every_steps=2", "--config.image_size=72",
           "--config.batch_size=16", "--config.eval_batch_size=200",

@@ -15,6 +15,7 @@ from configs import quickstart
 from xception_jax import checkpointing
 from xception_jax import config_check
 from xception_jax import data
+from xception_jax import models
 from xception_jax import optim
 from xception_jax import steps
 from xception_jax import train
@@ -40,7 +41,7 @@ def _mesh(devices):
 
 
 def _one_step(config, devices, batch):
-  model = train.create_model(config, num_classes=10)
+  model = models.create_model(config, num_classes=10)
   tx, schedule = optim.create_optimizer(config, 100.0, 100)
   mesh = _mesh(devices)
   state, shardings = steps.create_train_state(model, tx, config.image_size, mesh, config.seed)
@@ -86,7 +87,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   state_accum, _ = _one_step(config, jax.devices()[:1], batch)
 
   # The same by hand: micro-batch i holds rows i, i+2, ... ; BN statistics per micro-batch.
-  model = train.create_model(config, num_classes=10)
+  model = models.create_model(config, num_classes=10)
   tx, _ = optim.create_optimizer(config, 100.0, 100)
   state, _ = steps.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
                                       config.seed)
@@ -187,7 +188,7 @@ def test_init_from_another_run_replaces_the_head_for_a_new_class_count(tmp_path)
   train.train_and_evaluate(tiny_config(total_steps=1), str(source))
   config = tiny_config(total_steps=1, eval_every_steps=1000, init_from=str(source))
   config.num_classes = 12  # more classes than the data has: a new head
-  model = train.create_model(config, num_classes=12)
+  model = models.create_model(config, num_classes=12)
   tx, _ = optim.create_optimizer(config, 100.0, 100)
   state, _ = steps.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
                                       config.seed)

@@ -2,10 +2,12 @@
 
 Where things live:
   models/       Flax Linen modules and the registry `models.create(name, **kwargs)`.
-  data/         tfds input pipelines, the embedded datasets, synthetic batches (only place TF is used).
+  data/         tfds input pipelines, the embedded datasets, synthetic batches (TF is used there
+                and in the SavedModel writer only).
   optim.py      the optax chain (SGD / RMSprop), learning-rate schedules, EMA.
   train.py      `train_and_evaluate(config, workdir)`: sharded train and eval steps, the loop.
   main.py       the command-line entry point (flags only).
-  export.py     inference export (jax.export, optional SavedModel); predict.py classifies images.
-  tools/        model_info, benchmark, input_bench, report.
+  export.py     writes an inference export (jax.export, optional SavedModel: saved_model.py);
+  serving.py    reads it back (`load`, `Predictor`); predict.py classifies images with it.
+  tools/        model_info, benchmark, input_bench, report (README.md's layout lists every module).
 """

@@ -84,6 +84,25 @@ def makedirs(path: PathLike) -> epath.Path:
   return path
 
 
+def copy_tree(source: PathLike, target: PathLike, *, last: str | None = None) -> None:
+  """Copies the files of folder `source` into `target` (local or gs://, either way).
+
+  The file named `last` (relative to `source`) is copied after all others: a folder whose
+  completeness is marked by one file (an export's export.json) then never looks complete early,
+  and a reader that copies it back with the marker first fails at once on a partial one.
+  """
+  source, target = epath.Path(source), epath.Path(target)
+  files, folders = [], [source]
+  while folders:  # epath refuses '**' globs on gs://
+    for path in folders.pop().iterdir():
+      (folders if path.is_dir() else files).append(path)
+  names = sorted((os.path.relpath(os.fspath(f), os.fspath(source)) for f in files),
+                 key=lambda name: name == last)
+  for name in names:
+    (target / name).parent.mkdir(parents=True, exist_ok=True)
+    (source / name).copy(target / name, overwrite=True)
+
+
 def open_append(path: PathLike, *, binary: bool = False,
                 min_upload_interval: float = 30.0) -> Any:
   """A file opened for appending, local or remote (see the module docstring)."""

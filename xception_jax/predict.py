@@ -1,6 +1,6 @@
 """Classify image files with an exported model: the top-k labels of each file, as text or JSON.
 
-    python -m xception_jax.predict --model=EXPORT_DIR [--top-k=5] [--json] IMAGE...
+    python -m xception_jax.predict --model=EXPORT_DIR [--top_k=5] [--json] IMAGE...
 
 Each file is read and preprocessed on its own, so one missing, truncated or non-image file is
 reported (with its reason) while every other file is still classified; the exit status is then 1.
@@ -14,20 +14,21 @@ and for a file that failed: {"file": ..., "predictions": [], "error": "file not 
 `index` is the class index (also the label when the export has no class names).
 
 Exit status: 0 all files classified; 1 some files failed; 2 bad arguments or an unusable export.
-Only numpy, PIL and jax are needed (no TensorFlow, no Flax): see `xception_jax.export.load`.
+Only numpy, PIL and jax are needed (no TensorFlow, no Flax): see `xception_jax.serving`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from absl import flags
 import numpy as np
 
-from xception_jax import export
+from xception_jax import cli
+from xception_jax import serving
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -65,7 +66,7 @@ class ProgressBar:
       self.stream.flush()
 
 
-def classify(predictor: export.Predictor, paths: Sequence[str], *, top_k: int = 5,
+def classify(predictor: serving.Predictor, paths: Sequence[str], *, top_k: int = 5,
              batch_size: int = DEFAULT_BATCH_SIZE,
              progress: ProgressBar | None = None) -> list[dict[str, Any]]:
   """Top-k predictions per file; unreadable files get an error instead, the others still run.
@@ -83,7 +84,7 @@ def classify(predictor: export.Predictor, paths: Sequence[str], *, top_k: int = 
       try:
         images.append(predictor.preprocess(paths[row]))
         rows.append(row)
-      except export.ImageError as e:
+      except serving.ImageError as e:
         results[row]["error"] = e.reason
     if images:
       probabilities = predictor.predict_preprocessed(np.stack(images))
@@ -106,45 +107,50 @@ def format_text(results: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m xception_jax.predict",
-      description="Print the top-k labels of image files with a model exported by "
-                  "`python -m xception_jax.export`.")
-  parser.add_argument("--model", required=True, help="The export directory.")
-  parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=5,
-                      help="How many labels to print per image (default 5).")
-  parser.add_argument("--json", action="store_true",
-                      help="Print a JSON list, one {file, predictions, error} object per image.")
-  parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
-                      default=DEFAULT_BATCH_SIZE, help="Images per call of the model.")
-  parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                      help="Progress bar on stderr; auto = when there is more than one batch.")
-  parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files (JPEG, PNG, ...).")
-  args = parser.parse_args(argv)
-  if args.top_k < 1:
-    parser.error(f"--top-k={args.top_k} must be >= 1.")
-  if args.batch_size < 1:
-    parser.error(f"--batch-size={args.batch_size} must be >= 1.")
-  return args
+PROG = "python -m xception_jax.predict"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "The export directory (python -m xception_jax.export).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 5, "How many labels to print per image.", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "Print a JSON list, one {file, predictions, error} object per "
+                  "image.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per call of the model.",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("progress", "auto", ["auto", "always", "never"], "Progress bar on stderr; "
+                  "auto = when there is more than one batch.", flag_values=FLAGS)
+
+
+def parse_args(argv: Sequence[str] | None) -> list[str]:
+  """Parses and checks the flags into FLAGS; returns the image files (the positional args)."""
+  images = cli.parse(FLAGS, argv, PROG, __doc__.split("\n\n")[0], positional="IMAGE...")
+  if FLAGS.model is None:
+    cli.usage_error(PROG, "--model (the export directory) is required.")
+  if not images:
+    cli.usage_error(PROG, "give at least one image file after the flags.")
+  if FLAGS.top_k < 1:
+    cli.usage_error(PROG, f"--top_k={FLAGS.top_k} must be >= 1.")
+  if FLAGS.batch_size < 1:
+    cli.usage_error(PROG, f"--batch_size={FLAGS.batch_size} must be >= 1.")
+  return images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+  """The command line; returns the exit status (see the module docstring)."""
+  images = parse_args(argv)
   try:
-    predictor = export.load(args.model, max_batch_size=args.batch_size)
-  except export.ExportFormatError as e:
+    predictor = serving.load(FLAGS.model, max_batch_size=FLAGS.batch_size)
+  except serving.ExportFormatError as e:
     print(f"error: --model: {e}", file=sys.stderr)
     return 2
-  show = {"always": True, "never": False}.get(args.progress, len(args.images) > args.batch_size)
-  progress = ProgressBar(len(args.images)) if show else None
+  show = {"always": True, "never": False}.get(FLAGS.progress, len(images) > FLAGS.batch_size)
+  progress = ProgressBar(len(images)) if show else None
   try:
-    results = classify(predictor, args.images, top_k=args.top_k, batch_size=args.batch_size,
+    results = classify(predictor, images, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
                        progress=progress)
   finally:
     if progress is not None:
       progress.close()
-  if args.json:
+  if FLAGS.json:
     print(json.dumps(results, indent=2))
   else:
     print(format_text(results))

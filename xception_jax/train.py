@@ -31,12 +31,12 @@ from xception_jax import data
 from xception_jax import evaluation
 from xception_jax import keras_weights
 from xception_jax import metric_writer
-from xception_jax import models
 from xception_jax import optim
 from xception_jax import paths
 from xception_jax import preemption as preemption_lib
 from xception_jax import steps
 from xception_jax import workdir as workdir_lib
+from xception_jax.models import create_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,18 +46,6 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------------------------
 # Set-up: model, mesh, the run's length, the weights to start from.
 # ----------------------------------------------------------------------------------------------
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The Flax module named by `config.model_name`, with `config.model` as keyword arguments."""
-  kwargs = dict(config.model.to_dict())
-  for key in ("segments", "group_width"):  # command-line overrides arrive as strings: "4" -> 4
-    if isinstance(kwargs.get(key), str) and kwargs[key].isdigit():
-      kwargs[key] = int(kwargs[key])
-  try:
-    return models.create(config.model_name, num_classes=num_classes, dtype=config.dtype, **kwargs)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"config.model_name={config.model_name!r} / config.model={kwargs}: {e}") from e
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

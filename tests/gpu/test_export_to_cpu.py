@@ -2,7 +2,7 @@
 
 The variables live on the GPU (as a trained state does) when `export.write_export` writes them;
 a fresh process with JAX_PLATFORMS=cpu, standing in for a CPU-only machine, loads the export with
-`export.load` and predicts. Its logits must match the GPU's own float32 forward pass (highest
+`serving.load` and predicts. Its logits must match the GPU's own float32 forward pass (highest
 precision) within 1e-4 of the largest logit.
 """
 import os
@@ -15,7 +15,7 @@ import pytest
 
 from test_export import make_config, random_variables
 from xception_jax import export
-from xception_jax import train
+from xception_jax import models
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +26,8 @@ NUM_CLASSES = 10
 _PREDICT_ON_CPU = """
 import sys
 import numpy as np
-from xception_jax import export
-predictor = export.load(sys.argv[1])
+from xception_jax import serving
+predictor = serving.load(sys.argv[1])
 np.save(sys.argv[3], predictor.run(np.load(sys.argv[2]))["logits"])
 """
 
@@ -35,7 +35,7 @@ np.save(sys.argv[3], predictor.run(np.load(sys.argv[2]))["logits"])
 def test_export_written_on_the_gpu_predicts_on_the_cpu(setup, record, tmp_path):
   name, image_size = setup.export_model
   config = make_config(name, image_size)
-  model = train.create_model(config, NUM_CLASSES)
+  model = models.create_model(config, NUM_CLASSES)
   variables = jax.device_put(random_variables(model, image_size), setup.device)
   images = np.random.default_rng(2).uniform(-1, 1, (3, image_size, image_size, 3)).astype(
       np.float32)

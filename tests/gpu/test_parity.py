@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from test_export import make_config, random_variables
-from xception_jax import train
+from xception_jax import models
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def _reference(name, image_size, settings_items, batch, cpu):
   """(variables, images, float32 CPU logits at highest precision) for one model, computed once."""
   config = make_config(name, image_size, **dict(settings_items))
   config.dtype = "float32"
-  model = train.create_model(config, NUM_CLASSES)
+  model = models.create_model(config, NUM_CLASSES)
   variables = random_variables(model, image_size)
   images = np.random.default_rng(1).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(
       np.float32)
@@ -67,7 +67,7 @@ def test_forward_matches_cpu(setup, record, model_index, dtype):
                                             setup.parity_batch, setup.reference)
   config = make_config(name, image_size, **settings)
   config.dtype = dtype
-  model = train.create_model(config, NUM_CLASSES)
+  model = models.create_model(config, NUM_CLASSES)
   precision = "highest" if dtype == "float32" else "default"
   ours = _logits(model, variables, images, setup.device, precision)
   assert ours.dtype == np.float32 and np.all(np.isfinite(ours))

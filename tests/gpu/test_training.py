@@ -26,6 +26,7 @@ import pytest
 
 from xception_jax import checkpointing
 from xception_jax import config_check
+from xception_jax import models
 from xception_jax import optim
 from xception_jax import steps
 from xception_jax import train
@@ -53,7 +54,7 @@ def trainer(setup):
   mesh = train.make_mesh(config)
   config_check.validate(config, mesh.shape["data"], jax.process_count())
   assert jax.devices()[0].platform == setup.device.platform
-  model = train.create_model(config, NUM_CLASSES)
+  model = models.create_model(config, NUM_CLASSES)
   tx, schedule = optim.create_optimizer(config, synthetic.NUM_TRAIN_EXAMPLES / settings.batch,
                                         config.total_steps)
   state0, shardings = steps.create_train_state(model, tx, settings.image_size, mesh, config.seed)

@@ -100,4 +100,66 @@ def create(name: str, **kwargs: Any) -> nn.Module:
   return factory(**settings)
 
 
-__all__ = ["create", "list_models"]
+def create_model(config, num_classes: int) -> nn.Module:
+  """The module a training config describes: `config.model_name` with `config.model` as settings.
+
+  The one place a config becomes a network, so training, export and the benchmark build the
+  same one. `config` is an ml_collections.ConfigDict (model_name, model, dtype); segment settings
+  given as text on a command line ("4", "entry=4,middle=8") are parsed by `parse_segments`.
+  """
+  kwargs = dict(config.model.to_dict())
+  try:
+    for key in ("segments", "group_width"):
+      if isinstance(kwargs.get(key), str):
+        kwargs[key] = parse_segments(kwargs[key], key)
+    return create(config.model_name, num_classes=num_classes, dtype=config.dtype, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.model_name={config.model_name!r} / config.model={kwargs}: {e}") from e
+
+
+def parse_segments(value: Any, name: str = "segments") -> Any:
+  """A segment setting as typed (command line, config override) -> the value models take.
+
+  "4" -> 4, "depthwise" (any case) -> "depthwise", "entry=4,middle=depthwise" ->
+  {"entry": 4, "middle": "depthwise"}; ints, dicts and None pass through. The one parser of the
+  tools, the sweep and `create_model`; `name` (segments, group_width) is named in errors.
+
+  Raises:
+    ValueError: a value that is neither a positive int nor 'depthwise', or a malformed list.
+  """
+
+  def one(text: Any) -> int | str:
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 1:
+      return text
+    word = str(text).strip()
+    if word.lower() == "depthwise":
+      return "depthwise"
+    if word.isdigit() and int(word) >= 1:
+      return int(word)
+    raise ValueError(f"{name}={text!r} is not valid: use a positive int or 'depthwise'")
+
+  if value is None or isinstance(value, dict):
+    return value
+  if not isinstance(value, str) or "=" not in value:
+    return one(value)
+  flows = {}
+  for item in value.split(","):
+    flow, equals, setting = item.partition("=")
+    if not equals:
+      raise ValueError(f"per-flow setting {name}={value!r}: expected flow=value items, got "
+                       f"{item!r}")
+    flows[flow.strip()] = one(setting)
+  return flows
+
+
+def segments_label(segments: Any) -> str:
+  """How reports and tables name a segment setting: 4, depthwise (also for None, the default),
+  or entry=4,middle=8 per flow."""
+  if segments is None or (isinstance(segments, str) and segments.lower() == "depthwise"):
+    return "depthwise"
+  if isinstance(segments, dict):
+    return ",".join(f"{k}={v}" for k, v in segments.items())
+  return str(segments)
+
+
+__all__ = ["create", "create_model", "list_models", "parse_segments", "segments_label"]

@@ -4,56 +4,40 @@ Answers "how big and how expensive is this point of the spectrum?" without build
 or compiling a model (the costs are analytic, see `xception_jax.models.costs`).
 
   python -m xception_jax.tools.model_info --model=xception
-  python -m xception_jax.tools.model_info --model=xception --segments=4 --image-size=299
-  python -m xception_jax.tools.model_info --model=xception --sweep-segments
-  python -m xception_jax.tools.model_info --model=xception --sweep-segments --budget=params \
+  python -m xception_jax.tools.model_info --model=xception --segments=4 --image_size=299
+  python -m xception_jax.tools.model_info --model=xception --sweep_segments
+  python -m xception_jax.tools.model_info --model=xception --sweep_segments --budget=params \
       --csv=/tmp/sweep.csv
 
 `--segments` takes an int, "depthwise", or a per-flow list "entry=4,middle=8,exit=depthwise".
-`--sweep-segments` prints one row per valid uniform segment count (those dividing every separable
+`--sweep_segments` prints one row per valid uniform segment count (those dividing every separable
 layer's spatial channels, plus "depthwise"); with `--budget` the widths are re-chosen per row by
 the budget solver, so the candidates are powers of two up to 64 plus "depthwise" (or the list in
-`--sweep-candidates`) and rows the solver cannot fit within +-1% are reported and skipped.
+`--sweep_candidates`) and rows the solver cannot fit within +-1% are reported and skipped.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
+
+from xception_jax import cli
+from xception_jax import models
 from xception_jax.models import costs
 from xception_jax.models import xception_arch
 
 BUDGET_SWEEP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, "depthwise")
 
 
-def parse_segments(text: str | None) -> Any:
-  """"4" -> 4, "depthwise" -> "depthwise", "entry=4,middle=8" -> {"entry": 4, "middle": 8}."""
-  if text is None:
-    return None
-
-  def value(v: str) -> Any:
-    v = v.strip()
-    return int(v) if v.isdigit() else v
-
-  if "=" not in text:
-    return value(text)
-  result = {}
-  for item in text.split(","):
-    flow, sep, v = item.partition("=")
-    if not sep:
-      raise ValueError(f"per-flow setting {text!r}: expected flow=value items, got {item!r}")
-    result[flow.strip()] = value(v)
-  return result
-
-
 def parse_image_size(text: str) -> tuple[int, int]:
   """"299" -> (299, 299); "320x240" -> (320, 240) as (height, width)."""
   parts = text.lower().split("x")
   if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-    raise ValueError(f"--image-size={text!r}: expected an int or HEIGHTxWIDTH")
+    raise ValueError(f"--image_size={text!r}: expected an int or HEIGHTxWIDTH")
   sizes = [int(p) for p in parts]
   return (sizes[0], sizes[-1])
 
@@ -66,14 +50,6 @@ def parse_budget(text: str | None) -> Any:
   if text.replace(",", "").replace("_", "").isdigit():
     return int(text.replace(",", "").replace("_", ""))
   raise ValueError(f"--budget={text!r}: expected 'params' or a parameter count")
-
-
-def _segments_label(segments: Any) -> str:
-  if segments is None:
-    return "depthwise"
-  if isinstance(segments, dict):
-    return ",".join(f"{k}={v}" for k, v in segments.items())
-  return str(segments)
 
 
 def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 299, *,
@@ -180,83 +156,91 @@ def write_csv(rows: list[dict[str, Any]], path: str) -> None:
       writer.writerow({**row, "widths": " ".join(map(str, row["widths"]))})
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m xception_jax.tools.model_info",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="xception", help="registry name (xception, xception_small, ..)")
-  p.add_argument("--segments", help="int, 'depthwise', or per flow: entry=4,middle=8,exit=16")
-  p.add_argument("--group-width",
-                 help="channels per segment (int or per flow); excludes --segments")
-  p.add_argument("--order", choices=["depthwise_first", "pointwise_first"])
-  p.add_argument("--width-multiplier", type=float)
-  p.add_argument("--num-middle-blocks", type=int)
-  p.add_argument("--num-classes", type=int, help="0 = headless")
-  p.add_argument("--fc-layers", help="comma-separated widths of FC layers, e.g. 4096,4096")
-  p.add_argument("--no-residual", action="store_true", help="drop the shortcut connections")
-  p.add_argument("--budget", help="'params' (Xception's count) or a target parameter count")
-  p.add_argument("--image-size", default="299", help="int or HEIGHTxWIDTH (default 299)")
-  p.add_argument("--exclude-padding", action="store_true",
-                 help="count only kernel taps inside the input (as XLA's cost analysis does)")
-  p.add_argument("--sweep-segments", action="store_true",
-                 help="one row per valid uniform segment count")
-  p.add_argument("--sweep-candidates", help="comma-separated segment counts for --sweep-segments")
-  p.add_argument("--csv", metavar="FILE", help="with --sweep-segments: also write the rows here")
-  return p
+PROG = "python -m xception_jax.tools.model_info"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", "xception", "Registry name (xception, xception_small, ...).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("segments", None, "int, 'depthwise', or per flow: entry=4,middle=8,exit=16.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("group_width", None, "Channels per segment (int or per flow); excludes "
+                    "--segments.", flag_values=FLAGS)
+flags.DEFINE_enum("order", None, ["depthwise_first", "pointwise_first"], "Order of the "
+                  "separable convolutions' two parts.", flag_values=FLAGS)
+flags.DEFINE_float("width_multiplier", None, "Scales every width.", flag_values=FLAGS)
+flags.DEFINE_integer("num_middle_blocks", None, "Blocks of the middle flow.", flag_values=FLAGS)
+flags.DEFINE_integer("num_classes", None, "0 = headless.", flag_values=FLAGS)
+flags.DEFINE_string("fc_layers", None, "Comma-separated widths of FC layers, e.g. 4096,4096.",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("residual", True, "Keep the shortcut connections (--noresidual, also spelled "
+                  "--no-residual, drops them).", flag_values=FLAGS)
+flags.DEFINE_string("budget", None, "'params' (Xception's count) or a target parameter count.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("image_size", "299", "int or HEIGHTxWIDTH.", flag_values=FLAGS)
+flags.DEFINE_bool("exclude_padding", False, "Count only kernel taps inside the input (as XLA's "
+                  "cost analysis does).", flag_values=FLAGS)
+flags.DEFINE_bool("sweep_segments", False, "One row per valid uniform segment count.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("sweep_candidates", None, "Comma-separated segment counts for "
+                    "--sweep_segments.", flag_values=FLAGS)
+flags.DEFINE_string("csv", None, "With --sweep_segments: also write the rows to this file.",
+                    flag_values=FLAGS)
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status (2: bad settings, named on stderr)."""
+  positional = cli.parse(FLAGS, argv, PROG, __doc__.split("\n\n")[0])
+  if positional:
+    cli.usage_error(PROG, f"unexpected arguments {positional}")
   try:
     settings: dict[str, Any] = {}
-    if args.segments is not None:
-      settings["segments"] = parse_segments(args.segments)
-    if args.group_width is not None:
-      settings["group_width"] = parse_segments(args.group_width)
+    if FLAGS.segments is not None:
+      settings["segments"] = models.parse_segments(FLAGS.segments)
+    if FLAGS.group_width is not None:
+      settings["group_width"] = models.parse_segments(FLAGS.group_width, "group_width")
     for key in ("order", "width_multiplier", "num_middle_blocks", "num_classes"):
-      if getattr(args, key) is not None:
-        settings[key] = getattr(args, key)
-    if args.fc_layers:
+      if FLAGS[key].value is not None:
+        settings[key] = FLAGS[key].value
+    if FLAGS.fc_layers:
       try:
-        settings["fc_layers"] = tuple(int(v) for v in args.fc_layers.split(","))
+        settings["fc_layers"] = tuple(int(v) for v in FLAGS.fc_layers.split(","))
       except ValueError:
-        raise ValueError(f"--fc-layers={args.fc_layers!r}: comma-separated positive widths, "
+        raise ValueError(f"--fc_layers={FLAGS.fc_layers!r}: comma-separated positive widths, "
                          "e.g. 4096,4096") from None
-    if args.no_residual:
+    if not FLAGS.residual:
       settings["residual"] = False
-    budget = parse_budget(args.budget)
-    image_size = parse_image_size(args.image_size)
-    if args.csv and not args.sweep_segments:
-      raise ValueError("--csv writes the --sweep-segments table; add --sweep-segments")
-    csv_folder = os.path.dirname(os.path.abspath(args.csv)) if args.csv else ""
-    if args.csv and not os.path.isdir(csv_folder):
-      raise ValueError(f"--csv={args.csv}: the folder {csv_folder} does not exist")
+    budget = parse_budget(FLAGS.budget)
+    image_size = parse_image_size(FLAGS.image_size)
+    if FLAGS.csv and not FLAGS.sweep_segments:
+      raise ValueError("--csv writes the --sweep_segments table; add --sweep_segments")
+    csv_folder = os.path.dirname(os.path.abspath(FLAGS.csv)) if FLAGS.csv else ""
+    if FLAGS.csv and not os.path.isdir(csv_folder):
+      raise ValueError(f"--csv={FLAGS.csv}: the folder {csv_folder} does not exist")
 
-    if not args.sweep_segments:
-      if args.model.startswith("xception"):
-        cost = costs.model_cost(args.model, image_size, budget=budget,
-                                exclude_padding=args.exclude_padding, **settings)
-      elif budget is not None or args.exclude_padding:
-        raise ValueError(f"--budget and --exclude-padding apply to Xception models, not "
-                         f"{args.model!r}")
+    if not FLAGS.sweep_segments:
+      if FLAGS.model.startswith("xception"):
+        cost = costs.model_cost(FLAGS.model, image_size, budget=budget,
+                                exclude_padding=FLAGS.exclude_padding, **settings)
+      elif budget is not None or FLAGS.exclude_padding:
+        raise ValueError(f"--budget and --exclude_padding apply to Xception models, not "
+                         f"{FLAGS.model!r}")
       else:
-        cost = costs.counted_cost(args.model, image_size, **settings)
+        cost = costs.counted_cost(FLAGS.model, image_size, **settings)
       shown = {**settings, **({"budget": budget} if budget is not None else {})}
       print(format_cost(cost, shown))
       return 0
 
     candidates = None
-    if args.sweep_candidates:
-      candidates = [parse_segments(v) for v in args.sweep_candidates.split(",")]
-    rows = sweep_segments(args.model, image_size, budget=budget, candidates=candidates,
-                          exclude_padding=args.exclude_padding, **settings)
-    print(f"{args.model} at {image_size[0]}x{image_size[1]}"
+    if FLAGS.sweep_candidates:
+      candidates = [models.parse_segments(v) for v in FLAGS.sweep_candidates.split(",")]
+    rows = sweep_segments(FLAGS.model, image_size, budget=budget, candidates=candidates,
+                          exclude_padding=FLAGS.exclude_padding, **settings)
+    print(f"{FLAGS.model} at {image_size[0]}x{image_size[1]}"
           + (f", budget={budget}" if budget is not None else "")
           + (f", {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""))
     print(format_sweep(rows, with_budget=budget is not None))
-    if args.csv:
-      write_csv(rows, args.csv)
-      print(f"wrote {len(rows)} rows to {args.csv}")
+    if FLAGS.csv:
+      write_csv(rows, FLAGS.csv)
+      print(f"wrote {len(rows)} rows to {FLAGS.csv}")
     return 0
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
