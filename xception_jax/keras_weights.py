@@ -146,11 +146,8 @@ def cache_dir() -> str:
 
 
 def md5sum(path: str) -> str:
-  digest = hashlib.md5()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _by_hand(file: KerasFile, path: str) -> str:

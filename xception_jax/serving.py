@@ -67,11 +67,8 @@ class ImageError(ValueError):
 
 def sha256(path: str) -> str:
   """The hex sha256 of a file, as export.json records it for each file."""
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _incomplete(export_dir: str) -> ExportFormatError:

@@ -16,14 +16,12 @@ import time
 from typing import Any, Iterator
 
 from absl import logging
-import flax
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import optax
 
 from xception_jax import checkpointing
 from xception_jax import config_check
@@ -35,6 +33,7 @@ from xception_jax import optim
 from xception_jax import paths
 from xception_jax import preemption as preemption_lib
 from xception_jax import steps
+from xception_jax import versions
 from xception_jax import workdir as workdir_lib
 from xception_jax.models import create_model
 
@@ -295,9 +294,8 @@ def _write_run_info(workdir: paths.PathLike, config, info, model, state: steps.T
       "processes": jax.process_count(),
       "platform": jax.devices()[0].platform,
       "device_kind": jax.devices()[0].device_kind,
-      "jax_version": jax.__version__,
-      "flax_version": flax.__version__,
-      "optax_version": optax.__version__,
+      **{f"{name}_version": version
+         for name, version in versions.library_versions(("jax", "flax", "optax")).items()},
   }
   paths.write_json(paths.resolve(workdir) / "run.json", run)
 
