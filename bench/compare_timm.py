@@ -27,9 +27,11 @@ torch's cached memory):
 Per measurement: the median wall time of --steps synchronised steps after --warmup untimed steps
 (the first of which compiles), on device-resident random batches (3, rotated; never zeros).
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import datetime
 import json
 import os
@@ -38,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMM_NAMES = {"xception": "legacy_xception", "inception_v3": "inception_v3"}
@@ -47,9 +49,18 @@ IMPLS = ("ours", "timm eager", "timm compile")
 IMPL_FLAGS = {"ours": "ours", "eager": "timm eager", "compile": "timm compile"}  # --impls
 
 
-def measure_timm(model_name: str, mode: str, batch: int, image_size: int, steps: int,
-                 warmup: int, dtype: str, use_compile: bool, device: str,
-                 num_classes: int) -> dict[str, Any]:
+def measure_timm(
+  model_name: str,
+  mode: str,
+  batch: int,
+  image_size: int,
+  steps: int,
+  warmup: int,
+  dtype: str,
+  use_compile: bool,
+  device: str,
+  num_classes: int,
+) -> dict[str, Any]:
   """Times one timm model in this process (called in a subprocess by `compare`)."""
   import timm  # pylint: disable=g-import-not-at-top
   import timm.utils  # pylint: disable=g-import-not-at-top
@@ -71,14 +82,22 @@ def measure_timm(model_name: str, mode: str, batch: int, image_size: int, steps:
   def autocast():
     return torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-  batches = [(torch.rand(batch, 3, image_size, image_size, device=dev).mul_(2).sub_(1)
-              .contiguous(memory_format=torch.channels_last),
-              torch.randint(0, num_classes, (batch,), device=dev)) for _ in range(3)]
+  batches = [
+    (
+      torch.rand(batch, 3, image_size, image_size, device=dev)
+      .mul_(2)
+      .sub_(1)
+      .contiguous(memory_format=torch.channels_last),
+      torch.randint(0, num_classes, (batch,), device=dev),
+    )
+    for _ in range(3)
+  ]
 
   if mode == "train":
     net.train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.045, momentum=0.9,
-                                weight_decay=WEIGHT_DECAY[model_name])
+    optimizer = torch.optim.SGD(
+      net.parameters(), lr=0.045, momentum=0.9, weight_decay=WEIGHT_DECAY[model_name]
+    )
     ema = timm.utils.ModelEmaV3(net, decay=0.9999)
 
     def run_one(i):
@@ -121,15 +140,24 @@ def measure_timm(model_name: str, mode: str, batch: int, image_size: int, steps:
     raise FloatingPointError(f"timm {model_name} {mode}: non-finite output")
   step_s = statistics.median(times)
   return {
-      "impl": "timm compile" if use_compile else "timm eager",
-      "model": model_name, "timm_model": TIMM_NAMES[model_name], "mode": mode, "batch": batch,
-      "image_size": image_size, "dtype": dtype, "num_params": num_params,
-      "compile_s": compile_s, "step_time_ms": step_s * 1e3, "step_time_ms_min": min(times) * 1e3,
-      "images_per_sec": batch / step_s,
-      "peak_memory_bytes_device": (torch.cuda.max_memory_allocated(dev)
-                                   if dev.type == "cuda" else None),
-      "device_kind": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-      "torch_version": torch.__version__, "timm_version": timm.__version__,
+    "impl": "timm compile" if use_compile else "timm eager",
+    "model": model_name,
+    "timm_model": TIMM_NAMES[model_name],
+    "mode": mode,
+    "batch": batch,
+    "image_size": image_size,
+    "dtype": dtype,
+    "num_params": num_params,
+    "compile_s": compile_s,
+    "step_time_ms": step_s * 1e3,
+    "step_time_ms_min": min(times) * 1e3,
+    "images_per_sec": batch / step_s,
+    "peak_memory_bytes_device": (
+      torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    ),
+    "device_kind": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    "torch_version": torch.__version__,
+    "timm_version": timm.__version__,
   }
 
 
@@ -141,29 +169,70 @@ def _run_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(models: Sequence[str], modes: Sequence[str], batch: int, image_size: int, steps: int,
-            warmup: int, dtype: str, use_compile: bool, device: str, num_classes: int,
-            ours_python: str, impls: Sequence[str] = IMPLS, ours_args: Sequence[str] = (),
-            jsonl_out: str = "") -> list[dict[str, Any]]:
+def compare(
+  models: Sequence[str],
+  modes: Sequence[str],
+  batch: int,
+  image_size: int,
+  steps: int,
+  warmup: int,
+  dtype: str,
+  use_compile: bool,
+  device: str,
+  num_classes: int,
+  ours_python: str,
+  impls: Sequence[str] = IMPLS,
+  ours_args: Sequence[str] = (),
+  jsonl_out: str = "",
+) -> list[dict[str, Any]]:
   """Every (model, mode, implementation) measurement, each in its own subprocess.
 
   `impls` picks among IMPLS; `ours_args` are extra flags of the benchmark tool (e.g.
   --profile_dir); with `jsonl_out` each measurement is appended there as one JSON line as soon as
   it is taken, so a run cut off later keeps what it measured.
   """
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-         "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+  env = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+  }
   if device == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
   results = []
   for model in models:
     for mode in modes:
-      common = [f"--batch={batch}", f"--image_size={image_size}", f"--steps={steps}",
-                f"--warmup={warmup}", f"--dtype={dtype}", f"--num_classes={num_classes}"]
-      runs = [("ours", [ours_python, "-m", "xception_jax.tools.benchmark", f"--model={model}",
-                        f"--mode={mode}", "--json", *common, *ours_args])]
-      timm_cmd = [sys.executable, os.path.abspath(__file__), "--measure-timm", f"--models={model}",
-                  f"--modes={mode}", f"--device={device}", *common]
+      common = [
+        f"--batch={batch}",
+        f"--image_size={image_size}",
+        f"--steps={steps}",
+        f"--warmup={warmup}",
+        f"--dtype={dtype}",
+        f"--num_classes={num_classes}",
+      ]
+      runs = [
+        (
+          "ours",
+          [
+            ours_python,
+            "-m",
+            "xception_jax.tools.benchmark",
+            f"--model={model}",
+            f"--mode={mode}",
+            "--json",
+            *common,
+            *ours_args,
+          ],
+        )
+      ]
+      timm_cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--measure-timm",
+        f"--models={model}",
+        f"--modes={mode}",
+        f"--device={device}",
+        *common,
+      ]
       runs.append(("timm eager", [*timm_cmd, "--no-compile"]))
       if use_compile:
         runs.append(("timm compile", timm_cmd))
@@ -184,31 +253,42 @@ def compare(models: Sequence[str], modes: Sequence[str], batch: int, image_size:
 def format_table(results: list[dict[str, Any]]) -> str:
   """Markdown table; 'ours / timm' divides our images/s by each timm variant's."""
   ours = {(r["model"], r["mode"]): r for r in results if r["impl"] == "ours" and "error" not in r}
-  lines = ["| model | mode | implementation | images/s | ms/step | ours / this | compile s | "
-           "peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| model | mode | implementation | images/s | ms/step | ours / this | compile s | peak GiB |",
+    "|---|---|---|---:|---:|---:|---:|---:|",
+  ]
   for r in results:
     if "error" in r:
-      lines.append(f"| {r['model']} | {r['mode']} | {r['impl']} | failed: "
-                   f"{r['error'].splitlines()[-1][:120]} | | | | |")
+      lines.append(
+        f"| {r['model']} | {r['mode']} | {r['impl']} | failed: "
+        f"{r['error'].splitlines()[-1][:120]} | | | | |"
+      )
       continue
     mine = ours.get((r["model"], r["mode"]))
     ratio = f"{mine['images_per_sec'] / r['images_per_sec']:.2f}x" if mine else "n/a"
     mem = r.get("peak_memory_bytes_device")
-    lines.append(f"| {r['model']} | {r['mode']} | {r['impl']} | {r['images_per_sec']:.1f} | "
-                 f"{r['step_time_ms']:.1f} | {ratio} | {r['compile_s']:.1f} | "
-                 f"{'n/a' if mem is None else f'{mem / 2**30:.1f}'} |")
+    lines.append(
+      f"| {r['model']} | {r['mode']} | {r['impl']} | {r['images_per_sec']:.1f} | "
+      f"{r['step_time_ms']:.1f} | {ratio} | {r['compile_s']:.1f} | "
+      f"{'n/a' if mem is None else f'{mem / 2**30:.1f}'} |"
+    )
   first = next((r for r in results if "error" not in r and r["impl"] == "ours"), None)
   torch_run = next((r for r in results if "error" not in r and r["impl"] != "ours"), None)
   if first:
-    lines.append(f"\nbatch {first['batch']} at {first['image_size']}x{first['image_size']}, "
-                 f"{first['dtype']}; ours: {first['num_devices']} x {first['device_kind']}, jax "
-                 f"{first['jax_version']}, flax {first['flax_version']}; MFU ours "
-                 + ", ".join(f"{r['model']} {r['mode']} "
-                             + ("n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%")
-                             for r in ours.values()))
+    lines.append(
+      f"\nbatch {first['batch']} at {first['image_size']}x{first['image_size']}, "
+      f"{first['dtype']}; ours: {first['num_devices']} x {first['device_kind']}, jax "
+      f"{first['jax_version']}, flax {first['flax_version']}; MFU ours "
+      + ", ".join(
+        f"{r['model']} {r['mode']} " + ("n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%")
+        for r in ours.values()
+      )
+    )
   if torch_run:
-    lines.append(f"timm: {torch_run['device_kind']}, torch {torch_run['torch_version']}, "
-                 f"timm {torch_run['timm_version']}; {datetime.date.today().isoformat()}")
+    lines.append(
+      f"timm: {torch_run['device_kind']}, torch {torch_run['torch_version']}, "
+      f"timm {torch_run['timm_version']}; {datetime.date.today().isoformat()}"
+    )
   return "\n".join(lines)
 
 
@@ -222,37 +302,79 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--warmup", type=int, default=5)
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=1000)
-  p.add_argument("--no-compile", dest="use_compile", action="store_false",
-                 help="skip the torch.compile variant")
+  p.add_argument(
+    "--no-compile", dest="use_compile", action="store_false", help="skip the torch.compile variant"
+  )
   p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-  p.add_argument("--ours-python", default=sys.executable,
-                 help="interpreter with jax and this repo's dependencies (default: this one)")
-  p.add_argument("--impls", default="ours,eager,compile",
-                 help="which implementations to measure: ours, eager, compile (timm's)")
-  p.add_argument("--ours-args", default="",
-                 help="extra flags for our benchmark tool, e.g. '--profile_dir=DIR'")
+  p.add_argument(
+    "--ours-python",
+    default=sys.executable,
+    help="interpreter with jax and this repo's dependencies (default: this one)",
+  )
+  p.add_argument(
+    "--impls",
+    default="ours,eager,compile",
+    help="which implementations to measure: ours, eager, compile (timm's)",
+  )
+  p.add_argument(
+    "--ours-args", default="", help="extra flags for our benchmark tool, e.g. '--profile_dir=DIR'"
+  )
   p.add_argument("--json-out", default="", help="also write every measurement here")
-  p.add_argument("--jsonl-out", default="",
-                 help="append each measurement here as one JSON line as soon as it is taken")
+  p.add_argument(
+    "--jsonl-out",
+    default="",
+    help="append each measurement here as one JSON line as soon as it is taken",
+  )
   p.add_argument("--measure-timm", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
   modes = [m for m in args.modes.split(",") if m]
   impl_flags = [i for i in args.impls.split(",") if i]
-  unknown = (sorted(set(models) - set(TIMM_NAMES)) + sorted(set(modes) - {"train", "infer"})
-             + sorted(set(impl_flags) - set(IMPL_FLAGS)))
+  unknown = (
+    sorted(set(models) - set(TIMM_NAMES))
+    + sorted(set(modes) - {"train", "infer"})
+    + sorted(set(impl_flags) - set(IMPL_FLAGS))
+  )
   if unknown:
-    p.error(f"unknown model(s)/mode(s)/impl(s) {unknown}; models: {sorted(TIMM_NAMES)}, modes: "
-            f"train, infer; impls: {', '.join(IMPL_FLAGS)}")
+    p.error(
+      f"unknown model(s)/mode(s)/impl(s) {unknown}; models: {sorted(TIMM_NAMES)}, modes: "
+      f"train, infer; impls: {', '.join(IMPL_FLAGS)}"
+    )
   if args.measure_timm:
-    print(json.dumps(measure_timm(models[0], modes[0], args.batch, args.image_size, args.steps,
-                                  args.warmup, args.dtype, args.use_compile, args.device,
-                                  args.num_classes)), flush=True)
+    print(
+      json.dumps(
+        measure_timm(
+          models[0],
+          modes[0],
+          args.batch,
+          args.image_size,
+          args.steps,
+          args.warmup,
+          args.dtype,
+          args.use_compile,
+          args.device,
+          args.num_classes,
+        )
+      ),
+      flush=True,
+    )
     return
-  results = compare(models, modes, args.batch, args.image_size, args.steps, args.warmup,
-                    args.dtype, args.use_compile, args.device, args.num_classes, args.ours_python,
-                    impls=[IMPL_FLAGS[i] for i in impl_flags],
-                    ours_args=shlex.split(args.ours_args), jsonl_out=args.jsonl_out)
+  results = compare(
+    models,
+    modes,
+    args.batch,
+    args.image_size,
+    args.steps,
+    args.warmup,
+    args.dtype,
+    args.use_compile,
+    args.device,
+    args.num_classes,
+    args.ours_python,
+    impls=[IMPL_FLAGS[i] for i in impl_flags],
+    ours_args=shlex.split(args.ours_args),
+    jsonl_out=args.jsonl_out,
+  )
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=2)

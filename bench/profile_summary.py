@@ -17,20 +17,32 @@ TensorFlow or TensorBoard needed) and adds up event durations by name:
 Totals are summed over every launch in the trace; 'ms/step' divides by --steps. The share is of
 the summed time of all kernels (overlapping streams count separately).
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
+from collections.abc import Sequence
 import glob
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 # Lines that the profiler derives from the kernel lines of a device plane (they repeat its time).
-_DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Ops",
-                  "Framework Name Scope", "Source code", "TensorFlow Ops", "Async XLA Ops",
-                  "SparseCore", "Launch Stats")
+_DERIVED_LINES = (
+  "XLA Modules",
+  "XLA Ops",
+  "XLA TraceMe",
+  "Steps",
+  "Framework Ops",
+  "Framework Name Scope",
+  "Source code",
+  "TensorFlow Ops",
+  "Async XLA Ops",
+  "SparseCore",
+  "Launch Stats",
+)
 # Host-thread events of XLA:CPU that are markers or enclose the op events (would count twice).
 _CPU_MARKERS = ("ThreadpoolListener::", "end: ", "ThunkExecutor::")
 
@@ -41,8 +53,10 @@ def find_xplane(path: str) -> str:
     return path
   found = glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True)
   if not found:
-    raise FileNotFoundError(f"{path}: no *.xplane.pb under it; expected the folder given to "
-                            "jax.profiler.trace (tools/benchmark.py --profile_dir)")
+    raise FileNotFoundError(
+      f"{path}: no *.xplane.pb under it; expected the folder given to "
+      "jax.profiler.trace (tools/benchmark.py --profile_dir)"
+    )
   return max(found, key=os.path.getmtime)
 
 
@@ -84,28 +98,42 @@ def summarize(xplane_path: str, top: int = 15, steps: int = 5) -> dict[str, Any]
   total = sum(totals.values())
   ranked = sorted(totals, key=totals.get, reverse=True)[:top]
   return {
-      "xplane": xplane_path,
-      "kind": kind,
-      "planes": sorted({p.name for p in planes}),
-      "lines": sorted({f"{plane}: {line.name}" for plane, line in lines}),
-      "steps": steps,
-      "total_ms": total / 1e6,
-      "top": [{"name": name, "total_ms": totals[name] / 1e6, "ms_per_step": totals[name] / 1e6 / steps,
-               "share": totals[name] / total if total else 0.0, "count": counts[name],
-               "hlo_op": hlo_ops.get(name)} for name in ranked],
+    "xplane": xplane_path,
+    "kind": kind,
+    "planes": sorted({p.name for p in planes}),
+    "lines": sorted({f"{plane}: {line.name}" for plane, line in lines}),
+    "steps": steps,
+    "total_ms": total / 1e6,
+    "top": [
+      {
+        "name": name,
+        "total_ms": totals[name] / 1e6,
+        "ms_per_step": totals[name] / 1e6 / steps,
+        "share": totals[name] / total if total else 0.0,
+        "count": counts[name],
+        "hlo_op": hlo_ops.get(name),
+      }
+      for name in ranked
+    ],
   }
 
 
 def format_table(summary: dict[str, Any], name_width: int = 90) -> str:
   """A Markdown table for BENCHMARKS.md."""
-  lines = [f"{summary['kind']} time in {summary['xplane']}: "
-           f"{summary['total_ms']:.1f} ms over {summary['steps']} steps "
-           f"({', '.join(summary['planes'])})", "",
-           "| # | kernel | XLA op | ms/step | share | launches |", "|---:|---|---|---:|---:|---:|"]
+  lines = [
+    f"{summary['kind']} time in {summary['xplane']}: "
+    f"{summary['total_ms']:.1f} ms over {summary['steps']} steps "
+    f"({', '.join(summary['planes'])})",
+    "",
+    "| # | kernel | XLA op | ms/step | share | launches |",
+    "|---:|---|---|---:|---:|---:|",
+  ]
   for i, row in enumerate(summary["top"], 1):
-    name = row["name"] if len(row["name"]) <= name_width else row["name"][:name_width - 3] + "..."
-    lines.append(f"| {i} | `{name}` | {row['hlo_op'] or ''} | {row['ms_per_step']:.2f} | "
-                 f"{100 * row['share']:.1f}% | {row['count']} |")
+    name = row["name"] if len(row["name"]) <= name_width else row["name"][: name_width - 3] + "..."
+    lines.append(
+      f"| {i} | `{name}` | {row['hlo_op'] or ''} | {row['ms_per_step']:.2f} | "
+      f"{100 * row['share']:.1f}% | {row['count']} |"
+    )
   return "\n".join(lines)
 
 
@@ -115,8 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--steps", type=int, default=5, help="steps in the trace (for ms/step)")
   p.add_argument("--json-out", default="", help="also write the summary here as JSON")
-  p.add_argument("--jsonl-out", default="",
-                 help="also append the summary to this JSON-lines file (stage 'profile')")
+  p.add_argument(
+    "--jsonl-out",
+    default="",
+    help="also append the summary to this JSON-lines file (stage 'profile')",
+  )
   args = p.parse_args(argv)
   try:
     summary = summarize(find_xplane(args.trace), args.top, args.steps)

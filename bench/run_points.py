@@ -15,16 +15,18 @@ after the first point it is the largest of all points so far (`points_before` sa
 
 `--segments=G[:FORMULATION]` is shorthand for `--segments=G [--conv_formulation=FORMULATION]`.
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import gc
 import json
 import shlex
 import sys
 import time
 import traceback
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 
@@ -40,7 +42,9 @@ def expand(points: Sequence[str], segments: Sequence[str]) -> list[str]:
   return out
 
 
-def run_points(common: str, points: Sequence[str], tag: str, jsonl_out: str) -> list[dict[str, Any]]:
+def run_points(
+  common: str, points: Sequence[str], tag: str, jsonl_out: str
+) -> list[dict[str, Any]]:
   """Runs every point (parsed before any is run, so a typo fails at once); returns the results."""
   settings = [benchmark.parse_args(shlex.split(common) + shlex.split(point))[0] for point in points]
   for s in settings:
@@ -51,16 +55,26 @@ def run_points(common: str, points: Sequence[str], tag: str, jsonl_out: str) -> 
     try:
       result = benchmark.run_benchmark(s)
     except Exception as e:  # pylint: disable=broad-except  (one failed point must not stop the rest)
-      result = {"error": f"{type(e).__name__}: {e}"[-2000:],
-                "traceback": traceback.format_exc()[-3000:]}
-    result.update(tag=tag, point=point, common=common, points_before=i, source="run_points",
-                  wall_s=time.perf_counter() - start)
+      result = {
+        "error": f"{type(e).__name__}: {e}"[-2000:],
+        "traceback": traceback.format_exc()[-3000:],
+      }
+    result.update(
+      tag=tag,
+      point=point,
+      common=common,
+      points_before=i,
+      source="run_points",
+      wall_s=time.perf_counter() - start,
+    )
     results.append(result)
     with open(jsonl_out, "a") as f:
       f.write(json.dumps(result) + "\n")
-    summary = result.get("error") or (f"{result['step_time_ms']:.1f} ms/step, "
-                                      f"{result['images_per_sec']:.1f} images/s, compile "
-                                      f"{result['compile_s']:.0f} s, ops {result['hlo_ops']}")
+    summary = result.get("error") or (
+      f"{result['step_time_ms']:.1f} ms/step, "
+      f"{result['images_per_sec']:.1f} images/s, compile "
+      f"{result['compile_s']:.0f} s, ops {result['hlo_ops']}"
+    )
     print(f"[{tag}] {point}: {summary}", file=sys.stderr, flush=True)
     jax.clear_caches()  # free this point's executables before the next one compiles
     gc.collect()
@@ -68,11 +82,16 @@ def run_points(common: str, points: Sequence[str], tag: str, jsonl_out: str) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("points", nargs="*", help="benchmark flags of one point, as one string")
-  p.add_argument("--segments", action="append", default=[],
-                 help="G[:FORMULATION]: a point --segments=G [--conv_formulation=FORMULATION]")
+  p.add_argument(
+    "--segments",
+    action="append",
+    default=[],
+    help="G[:FORMULATION]: a point --segments=G [--conv_formulation=FORMULATION]",
+  )
   p.add_argument("--common", default="", help="benchmark flags shared by every point")
   p.add_argument("--tag", default="points", help="written into every result")
   p.add_argument("--jsonl-out", required=True, help="results are appended here, one per line")

@@ -6,6 +6,7 @@ locked `ml_collections.ConfigDict`; `--config=configs/imagenet.py:runlocal` pass
 them (steps per epoch, decay steps, scaled learning rate) are computed at run time by the code
 that uses them, so an override of `batch_size` keeps everything consistent.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -22,13 +23,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters always float32)
 
   # --- Data.
-  c.dataset = "embedded_shapes"  # tfds name | imagefolder:ROOT | embedded_shapes[_multilabel] | synthetic
+  c.dataset = (
+    "embedded_shapes"  # tfds name | imagefolder:ROOT | embedded_shapes[_multilabel] | synthetic
+  )
   c.data_dir = ""  # where tfds data lives; "" = tfds default (~/tensorflow_datasets)
   c.train_split = ""  # "" = the dataset's usual train split
   c.eval_split = ""  # "" = the dataset's usual validation/test split
   c.num_classes = config_dict.placeholder(int)  # None = from the dataset
   c.image_size = 299
-  c.input = ml_collections.ConfigDict(dict(
+  c.input = ml_collections.ConfigDict(
+    dict(
       area_range=(0.05, 1.0),
       aspect_ratio_range=(0.75, 1.33),
       min_object_covered=0.1,
@@ -39,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
       bad_files="skip",  # imagefolder: skip (warn, name each) | error (refuse before training)
       cache=False,
       num_parallel_calls=-1,  # -1 = tf.data.AUTOTUNE
-  ))
+    )
+  )
 
   # --- Batch and length. batch_size is GLOBAL: per-process batch = batch_size / processes.
   c.batch_size = 32
@@ -49,15 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size must divide evenly)
 
   # --- Optimizer and schedule (see xception_jax/optim.py).
-  c.optimizer = ml_collections.ConfigDict(dict(
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
       name="sgd",  # sgd | rmsprop_tf (TF1 semantics) | rmsprop_keras
       momentum=0.9,
       nesterov=False,
       rms_decay=0.9,
       eps=1.0,
       grad_clip_norm=0.0,  # 0 = off
-  ))
-  c.lr = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.lr = ml_collections.ConfigDict(
+    dict(
       base=0.045,
       reference_batch_size=0,  # 0 = use `base` as is; N > 0 = base * batch_size / N
       schedule="exponential",  # exponential | constant | cosine
@@ -67,15 +75,18 @@ def base_config() -> ml_collections.ConfigDict:
       staircase=True,
       warmup_epochs=0.0,
       warmup_steps=0,  # > 0 overrides warmup_epochs (short fine-tuning runs count in steps)
-  ))
+    )
+  )
   c.weight_decay = 0.0  # L2 as 0.5 * wd * ||w||^2 (TF-Slim), i.e. grad += wd * w
   c.weight_decay_on = "kernels"  # kernels (conv and dense kernels) | all
   c.label_smoothing = 0.0
   c.loss = "auto"  # auto (from the dataset) | softmax | sigmoid
-  c.ema = ml_collections.ConfigDict(dict(
+  c.ema = ml_collections.ConfigDict(
+    dict(
       decay=0.9999,  # 0 = no EMA
       num_updates_warmup=True,  # TF ExponentialMovingAverage: min(decay, (1 + t) / (10 + t))
-  ))
+    )
+  )
 
   # --- Evaluation metrics.
   c.map_class_weighting = "none"  # multi-label MAP@100: none | frequency (FastEval14k-like)

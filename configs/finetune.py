@@ -40,6 +40,7 @@ Where each choice comes from:
   * runlocal: batch 16 at 128x128, 200 steps, warm-up over the first 20: a few minutes on a
     laptop CPU (about 150 GFLOP per step for Xception).
 """
+
 import os
 import sys
 
@@ -58,8 +59,9 @@ _KERAS_WEIGHTS = {"xception": "keras:xception_notop", "inception_v3": "keras:inc
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   options = common.parse_arg(arg, model="xception")
   if options.model not in _KERAS_WEIGHTS:
-    raise ValueError(f"configs/finetune.py: model={options.model!r}; valid: "
-                     f"{sorted(_KERAS_WEIGHTS)}.")
+    raise ValueError(
+      f"configs/finetune.py: model={options.model!r}; valid: {sorted(_KERAS_WEIGHTS)}."
+    )
   c = common.base_config()
   c.model_name = options.model
   c.model = ml_collections.ConfigDict(dict(dropout_rate=0.2, frozen_batch_norm=True))

@@ -8,6 +8,7 @@ dropout 0.5 before the logistic regression, Polyak averaging (EMA) of the weight
   python -m xception_jax.main --config=configs/imagenet.py --workdir=DIR
   python -m xception_jax.main --config=configs/imagenet.py:runlocal --workdir=DIR   # CPU, embedded data
 """
+
 import os
 import sys
 

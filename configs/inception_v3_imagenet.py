@@ -1,7 +1,8 @@
 """The same ImageNet recipe for Inception V3 (no auxiliary tower), with weight decay 4e-5.
 
-  python -m xception_jax.main --config=configs/inception_v3_imagenet.py --workdir=DIR
+python -m xception_jax.main --config=configs/inception_v3_imagenet.py --workdir=DIR
 """
+
 import os
 import sys
 

@@ -9,6 +9,7 @@ paper's figure 7/8 variant. Open Images V4 image-level labels: 19,995 classes (t
   python -m xception_jax.main --config=configs/jft_like.py:fc,model=inception_v3 --workdir=DIR
   python -m xception_jax.main --config=configs/jft_like.py:runlocal --workdir=DIR   # CPU, embedded
 """
+
 import os
 import sys
 
@@ -26,8 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   options = common.parse_arg(arg, fc=False, model="xception")
   c = common.base_config()
   c.model_name = options.model
-  c.model = ml_collections.ConfigDict(dict(
-      dropout_rate=0.0, fc_layers=(4096, 4096) if options.fc else ()))
+  c.model = ml_collections.ConfigDict(
+    dict(dropout_rate=0.0, fc_layers=(4096, 4096) if options.fc else ())
+  )
   c.dtype = "bfloat16"
   c.dataset = "open_images_v4"
   c.image_size = 299

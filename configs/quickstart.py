@@ -5,6 +5,7 @@ on first use. Expect eval top-1 >= 0.9 at the end.
 
   python -m xception_jax.main --config=configs/quickstart.py --workdir=/tmp/xception_quickstart
 """
+
 import os
 import sys
 

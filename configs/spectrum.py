@@ -9,6 +9,7 @@ Xception's parameter count, within 1%), runlocal.
   python -m xception_jax.main --config=configs/spectrum.py:segments=4,budget=params --workdir=DIR
   python -m xception_jax.main --config=configs/spectrum.py:segments=8,runlocal --workdir=DIR
 """
+
 import os
 import sys
 
@@ -25,17 +26,25 @@ from configs import imagenet  # pylint: disable=g-import-not-at-top,wrong-import
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  options = common.parse_arg(arg, segments="depthwise", order="depthwise_first",
-                             mid_activation="none", residual=True, budget="none")
+  options = common.parse_arg(
+    arg,
+    segments="depthwise",
+    order="depthwise_first",
+    mid_activation="none",
+    residual=True,
+    budget="none",
+  )
   c = imagenet.recipe("xception", weight_decay=1e-5)
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       dropout_rate=0.5,
       segments=str(options.segments),  # "depthwise" or a number; a string so overrides parse
       order=options.order,
       mid_activation=options.mid_activation,
       residual=bool(options.residual),
       budget=config_dict.placeholder(str) if options.budget == "none" else options.budget,
-  ))
+    )
+  )
   if options.runlocal:
     common.apply_runlocal(c)
   return c.lock()

@@ -26,8 +26,10 @@ only the axes given are set, the others keep the config's defaults. Seeds go in 
 Any further `--config.KEY=VALUE` is passed to every run unchanged. Reports:
 `python -m xception_jax.tools.report --root=WORKDIR_ROOT`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import itertools
@@ -36,7 +38,6 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Sequence
 
 from absl import flags
 
@@ -49,25 +50,33 @@ from xception_jax import paths  # pylint: disable=g-import-not-at-top,wrong-impo
 from xception_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LAUNCHERS = ("local", "tpu", "slurm")
-CLUSTER_SCRIPTS = {"tpu": os.path.join("launch", "tpu_vm.sh"),
-                   "slurm": os.path.join("launch", "slurm.sh")}
+CLUSTER_SCRIPTS = {
+  "tpu": os.path.join("launch", "tpu_vm.sh"),
+  "slurm": os.path.join("launch", "slurm.sh"),
+}
 
 # Sweep flag -> (config argument name, valid values or None for "checked separately").
 AXES = {
-    "segments": ("segments", None),
-    "order": ("order", ("depthwise_first", "pointwise_first")),
-    "mid_activation": ("mid_activation", ("none", "relu", "elu")),
-    "residual": ("residual", ("true", "false")),
-    "budget": ("budget", ("params", "none")),
+  "segments": ("segments", None),
+  "order": ("order", ("depthwise_first", "pointwise_first")),
+  "mid_activation": ("mid_activation", ("none", "relu", "elu")),
+  "residual": ("residual", ("true", "false")),
+  "budget": ("budget", ("params", "none")),
 }
 # Short names in run ids.
-_ID_NAMES = {"segments": "segments", "order": "order", "mid_activation": "mid", "residual": "residual",
-             "budget": "budget"}
+_ID_NAMES = {
+  "segments": "segments",
+  "order": "order",
+  "mid_activation": "mid",
+  "residual": "residual",
+  "budget": "budget",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One point of the grid: config argument settings and a seed."""
+
   run_id: str
   workdir: str
   config: str  # config file path, with the full argument string after ':'
@@ -77,8 +86,12 @@ class Run:
 
   def main_args(self) -> list[str]:
     """The arguments of `python -m xception_jax.main` for this run."""
-    return [f"--config={self.config}", f"--workdir={self.workdir}", *self.overrides,
-            f"--config.seed={self.seed}"]
+    return [
+      f"--config={self.config}",
+      f"--workdir={self.workdir}",
+      *self.overrides,
+      f"--config.seed={self.seed}",
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +148,10 @@ def _check_values(axis: str, values: list[str]) -> list[str]:
       except ValueError:
         segments = None
       if not isinstance(segments, (int, str)):  # a per-flow dict is no point of this axis
-        raise ValueError(f"{flag}: {value!r} is not a segment count; valid: positive integers "
-                         "(1 = regular convolution) or 'depthwise'.")
+        raise ValueError(
+          f"{flag}: {value!r} is not a segment count; valid: positive integers "
+          "(1 = regular convolution) or 'depthwise'."
+        )
       out.append(str(segments))
     return out
   valid = AXES[axis][1]
@@ -155,8 +170,13 @@ def _config_path_for_id(config_file: str) -> str:
   return path
 
 
-def expand_grid(config: str, axes: dict[str, list[str]], seeds: Sequence[int],
-                overrides: Sequence[str], workdir_root: str) -> list[Run]:
+def expand_grid(
+  config: str,
+  axes: dict[str, list[str]],
+  seeds: Sequence[int],
+  overrides: Sequence[str],
+  workdir_root: str,
+) -> list[Run]:
   """Every combination of the axes' values x seeds, with stable ids.
 
   Args:
@@ -171,8 +191,10 @@ def expand_grid(config: str, axes: dict[str, list[str]], seeds: Sequence[int],
   for item in base_items:
     key = item.partition("=")[0]
     if key in {AXES[a][0] for a in axes}:
-      raise ValueError(f"--config={config!r} sets {key!r}, which the sweep also sets with "
-                       f"--{key}; give it in one place.")
+      raise ValueError(
+        f"--config={config!r} sets {key!r}, which the sweep also sets with "
+        f"--{key}; give it in one place."
+      )
   names = [a for a in AXES if a in axes]
   runs = []
   for values in itertools.product(*(axes[a] for a in names)):
@@ -181,15 +203,24 @@ def expand_grid(config: str, axes: dict[str, list[str]], seeds: Sequence[int],
     config_with_arg = f"{config_file}:{arg}" if arg else config_file
     # The hash names everything that defines a run except the seed (which is in the id itself), so
     # the seeds of one setting share it.
-    identity = json.dumps({"config": _config_path_for_id(config_file), "arg": arg,
-                           "overrides": sorted(overrides)}, sort_keys=True)
+    identity = json.dumps(
+      {"config": _config_path_for_id(config_file), "arg": arg, "overrides": sorted(overrides)},
+      sort_keys=True,
+    )
     digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     readable = "_".join(f"{_ID_NAMES[a]}-{v}" for a, v in settings)
     for seed in seeds:
       run_id = f"{readable}_seed-{seed}_{digest}" if readable else f"seed-{seed}_{digest}"
-      runs.append(Run(run_id=run_id, workdir=os.path.join(workdir_root, run_id),
-                      config=config_with_arg, settings=settings, seed=int(seed),
-                      overrides=tuple(overrides)))
+      runs.append(
+        Run(
+          run_id=run_id,
+          workdir=os.path.join(workdir_root, run_id),
+          config=config_with_arg,
+          settings=settings,
+          seed=int(seed),
+          overrides=tuple(overrides),
+        )
+      )
   return runs
 
 
@@ -197,8 +228,9 @@ def main_command(run: Run, python: str) -> list[str]:
   return [python, "-m", "xception_jax.main", *run.main_args()]
 
 
-def launcher_command(run: Run, launcher: str, launcher_args: Sequence[str],
-                     first: bool) -> list[str]:
+def launcher_command(
+  run: Run, launcher: str, launcher_args: Sequence[str], first: bool
+) -> list[str]:
   """The cluster launcher's command line for one run (main args after '--')."""
   command = [os.path.join(REPO_ROOT, CLUSTER_SCRIPTS[launcher]), *launcher_args]
   if launcher == "tpu" and not first:
@@ -211,8 +243,14 @@ def launcher_command(run: Run, launcher: str, launcher_args: Sequence[str],
 def _write_sweep_record(run: Run, command: Sequence[str]) -> None:
   """sweep.json in the workdir: the grid settings as the sweep named them, for reports."""
   paths.makedirs(run.workdir)
-  record = {"run_id": run.run_id, "settings": dict(run.settings), "seed": run.seed,
-            "config": run.config, "overrides": list(run.overrides), "command": list(command)}
+  record = {
+    "run_id": run.run_id,
+    "settings": dict(run.settings),
+    "seed": run.seed,
+    "config": run.config,
+    "overrides": list(run.overrides),
+    "command": list(command),
+  }
   paths.write_json(os.path.join(run.workdir, "sweep.json"), record)
 
 
@@ -224,8 +262,9 @@ def _run_and_log(command: Sequence[str], log_path: str) -> int:
   try:
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=env, text=True, bufsize=1)
+    process = subprocess.Popen(
+      command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1
+    )
     try:
       for line in process.stdout:
         sys.stdout.write(line)
@@ -242,31 +281,53 @@ def _run_and_log(command: Sequence[str], log_path: str) -> int:
 
 PROG = "launch/sweep.py"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("config", None, "Config file, optionally with arguments: "
-                    "configs/spectrum.py[:runlocal].", flag_values=FLAGS)
-flags.DEFINE_string("segments", None, "Comma-separated segment counts and/or 'depthwise', e.g. "
-                    "1,4,16,depthwise.", flag_values=FLAGS)
-flags.DEFINE_string("order", None, "Comma-separated: depthwise_first, pointwise_first.",
-                    flag_values=FLAGS)
-flags.DEFINE_string("mid_activation", None, "Comma-separated: none, relu, elu.",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "config",
+  None,
+  "Config file, optionally with arguments: configs/spectrum.py[:runlocal].",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "segments",
+  None,
+  "Comma-separated segment counts and/or 'depthwise', e.g. 1,4,16,depthwise.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "order", None, "Comma-separated: depthwise_first, pointwise_first.", flag_values=FLAGS
+)
+flags.DEFINE_string("mid_activation", None, "Comma-separated: none, relu, elu.", flag_values=FLAGS)
 flags.DEFINE_string("residual", None, "Comma-separated: true, false.", flag_values=FLAGS)
-flags.DEFINE_string("budget", None, "Comma-separated: params (equal parameter count), none.",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("seeds", 1, "Seeds per setting: 0 .. N-1 (from --first_seed).",
-                     flag_values=FLAGS)
+flags.DEFINE_string(
+  "budget", None, "Comma-separated: params (equal parameter count), none.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "seeds", 1, "Seeds per setting: 0 .. N-1 (from --first_seed).", flag_values=FLAGS
+)
 flags.DEFINE_integer("first_seed", 0, "The first seed.", flag_values=FLAGS)
-flags.DEFINE_bool("runlocal", False, "Add 'runlocal' to the config arguments (CPU-sized runs, "
-                  "embedded data).", flag_values=FLAGS)
-flags.DEFINE_string("workdir_root", None, "Parent folder of the runs' workdirs.",
-                    flag_values=FLAGS)
+flags.DEFINE_bool(
+  "runlocal",
+  False,
+  "Add 'runlocal' to the config arguments (CPU-sized runs, embedded data).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string("workdir_root", None, "Parent folder of the runs' workdirs.", flag_values=FLAGS)
 flags.DEFINE_enum("launcher", "local", LAUNCHERS, "Where the runs go.", flag_values=FLAGS)
-flags.DEFINE_string("launcher_args", "", "Options for launch/tpu_vm.sh or launch/slurm.sh, as "
-                    "one string.", flag_values=FLAGS)
-flags.DEFINE_string("python", sys.executable, "Interpreter for local runs (default: this one).",
-                    flag_values=FLAGS)
-flags.DEFINE_bool("dry_run", False, "Print one `python -m xception_jax.main ...` command per "
-                  "run; run none.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "launcher_args",
+  "",
+  "Options for launch/tpu_vm.sh or launch/slurm.sh, as one string.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "python", sys.executable, "Interpreter for local runs (default: this one).", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print one `python -m xception_jax.main ...` command per run; run none.",
+  flag_values=FLAGS,
+)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[flags.FlagValues, list[str]]:
@@ -277,11 +338,16 @@ def parse_args(argv: Sequence[str]) -> tuple[flags.FlagValues, list[str]]:
     if "=" not in item:
       cli.usage_error(PROG, f"unrecognised argument {item!r}{unknown}")
     if item.startswith("--config.seed="):
-      cli.usage_error(PROG, "--config.seed is set per run by the sweep; use --seeds / "
-                      "--first_seed.")
-  positional = cli.parse(FLAGS, [a for a in argv if not a.startswith("--config.")], PROG,
-                         "Grid sweep over the spectrum (see the module docstring).",
-                         unknown_hint=unknown)
+      cli.usage_error(
+        PROG, "--config.seed is set per run by the sweep; use --seeds / --first_seed."
+      )
+  positional = cli.parse(
+    FLAGS,
+    [a for a in argv if not a.startswith("--config.")],
+    PROG,
+    "Grid sweep over the spectrum (see the module docstring).",
+    unknown_hint=unknown,
+  )
   if positional:
     cli.usage_error(PROG, f"unrecognised argument {positional[0]!r}{unknown}")
   for name in ("config", "segments", "workdir_root"):
@@ -325,7 +391,9 @@ def main(argv: Sequence[str]) -> int:
     return 2
   launcher_args = shlex.split(args.launcher_args)
   if args.launcher == "local" and launcher_args:
-    print("launch/sweep.py: error: --launcher_args is for --launcher=tpu or slurm.", file=sys.stderr)
+    print(
+      "launch/sweep.py: error: --launcher_args is for --launcher=tpu or slurm.", file=sys.stderr
+    )
     return 2
 
   failed, started, skipped = [], 0, 0
@@ -333,8 +401,11 @@ def main(argv: Sequence[str]) -> int:
   for run in runs:
     status = run_status(run.workdir)
     command = main_command(run, args.python)
-    wrapped = (command if args.launcher == "local" else
-               launcher_command(run, args.launcher, launcher_args, first_cluster_run))
+    wrapped = (
+      command
+      if args.launcher == "local"
+      else launcher_command(run, args.launcher, launcher_args, first_cluster_run)
+    )
     if args.dry_run:
       print(f"# {run.run_id}: {status.describe()}")
       if status.state != "finished":
@@ -353,17 +424,26 @@ def main(argv: Sequence[str]) -> int:
     first_cluster_run = False
     started += 1
     if rc == 75:  # xception_jax.preemption.PREEMPTED_EXIT_STATUS: saved, resumable
-      print(f"[sweep] {run.run_id}: preempted; its checkpoint is saved and the next sweep "
-            "command resumes it. Stopping the sweep here.", flush=True)
+      print(
+        f"[sweep] {run.run_id}: preempted; its checkpoint is saved and the next sweep "
+        "command resumes it. Stopping the sweep here.",
+        flush=True,
+      )
       return 75
     if rc != 0:
-      print(f"[sweep] {run.run_id}: FAILED with exit status {rc} (log: "
-            f"{os.path.join(run.workdir, 'sweep.log')}); going on with the others.", flush=True)
+      print(
+        f"[sweep] {run.run_id}: FAILED with exit status {rc} (log: "
+        f"{os.path.join(run.workdir, 'sweep.log')}); going on with the others.",
+        flush=True,
+      )
       failed.append(run.run_id)
   if not args.dry_run:
     verb = "submitted" if args.launcher == "slurm" else "ran"
-    print(f"[sweep] {len(runs)} runs: {started} {verb}, {skipped} already finished, "
-          f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}.", flush=True)
+    print(
+      f"[sweep] {len(runs)} runs: {started} {verb}, {skipped} already finished, "
+      f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}.",
+      flush=True,
+    )
   return 1 if failed else 0
 
 

@@ -4,6 +4,7 @@ JAX runs on the CPU (JAX_PLATFORMS=cpu unless set), except when the marker expre
 the `gpu` tests (`python -m pytest -q -m gpu tests/gpu`): those need the machine's accelerator,
 so JAX is left to find it (tests/gpu/conftest.py).
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

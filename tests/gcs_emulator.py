@@ -7,6 +7,7 @@ the emulator does not, so tensorstore (orbax's array writer) reads generation 0 
 conditional writes of an OCDBT manifest fail with "Malformed StorageGeneration". The wrapper
 adds the header (and `x-goog-metageneration`); everything else is the emulator as installed.
 """
+
 import sys
 
 from gcp_storage_emulator.handlers import objects
@@ -28,4 +29,5 @@ objects.download = download
 
 if __name__ == "__main__":
   from gcp_storage_emulator.__main__ import main  # pylint: disable=g-import-not-at-top
+
   sys.exit(main())

@@ -13,6 +13,7 @@ The same random weights go into Keras 3 models (`keras_module=keras3()`), saved 
 
 Only tests import this module (it imports TensorFlow).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ def keras3():
   models in about a second where the JAX backend takes 15-30 s (eager initialisers)."""
   os.environ.setdefault("KERAS_BACKEND", "tensorflow")
   import keras  # pylint: disable=g-import-not-at-top
+
   return keras
 
 
@@ -48,9 +50,15 @@ def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
   raise ValueError(f"no random rule for Keras weight {name!r}")
 
 
-def randomized_model(name: str, *, include_top: bool, classes: int = 1000,
-                     input_shape: tuple[int, int, int] | None = None, seed: int = 0,
-                     keras_module=tf_keras):
+def randomized_model(
+  name: str,
+  *,
+  include_top: bool,
+  classes: int = 1000,
+  input_shape: tuple[int, int, int] | None = None,
+  seed: int = 0,
+  keras_module=tf_keras,
+):
   """A keras.applications model (no download) with every weight and BN statistic random.
 
   `keras_module`: tf_keras (Keras 2, the default) or `keras3()`.
@@ -61,8 +69,9 @@ def randomized_model(name: str, *, include_top: bool, classes: int = 1000,
     kwargs.update(classes=classes, classifier_activation=None)
   model = getattr(keras_module.applications, APPLICATIONS[name])(**kwargs)
   rng = np.random.default_rng(seed)
-  model.set_weights([_random_value(w.name, tuple(w.shape), rng).astype(np.float32)
-                     for w in model.weights])
+  model.set_weights(
+    [_random_value(w.name, tuple(w.shape), rng).astype(np.float32) for w in model.weights]
+  )
   return model
 
 
@@ -78,8 +87,9 @@ def predict(model, images: np.ndarray) -> np.ndarray:
   return np.asarray(model(images, training=False), np.float32)
 
 
-def save_as_keras_h5(model, variables: dict, path: pathlib.Path, *,
-                     include_top: bool = True) -> pathlib.Path:
+def save_as_keras_h5(
+  model, variables: dict, path: pathlib.Path, *, include_top: bool = True
+) -> pathlib.Path:
   """Writes OUR model's variables in the legacy Keras layout the published files use.
 
   For networks Keras does not build (xception_tiny): a Keras-format file whose weights carry
@@ -89,6 +99,7 @@ def save_as_keras_h5(model, variables: dict, path: pathlib.Path, *,
   the classifier out (as the `_notop` files do).
   """
   import h5py  # pylint: disable=g-import-not-at-top
+
   from xception_jax import convert  # pylint: disable=g-import-not-at-top
 
   _, targets, _, classifier = convert._model_layout(model)  # pylint: disable=protected-access

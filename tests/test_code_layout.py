@@ -8,6 +8,7 @@ import that hides one still breaks when the import order changes. This reads the
 `a.b`; the package `__init__` that Python runs on the way to a submodule is not counted, since it
 is not what the importing module asks for.
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,7 +37,7 @@ def _imports(name: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) ->
       found.update(alias.name for alias in node.names if alias.name in modules)
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative: from . import x, from ..data import y
-        base = package[:len(package) - node.level + 1]
+        base = package[: len(package) - node.level + 1]
         module = ".".join(base + ([node.module] if node.module else []))
       else:
         module = node.module or ""

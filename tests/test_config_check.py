@@ -1,4 +1,5 @@
 """config_check.validate: every setting checked once, before anything is built, naming the key."""
+
 import pytest
 
 from configs import common
@@ -8,7 +9,9 @@ from xception_jax import data
 from xception_jax import train
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("optimizer.name", "adam", "config.optimizer.name='adam'.*sgd.*rmsprop_tf.*rmsprop_keras"),
     ("lr.schedule", "linear", "config.lr.schedule='linear'.*exponential.*constant.*cosine"),
     ("weight_decay_on", "biases", "config.weight_decay_on='biases'.*kernels.*all"),
@@ -21,7 +24,8 @@ from xception_jax import train
     ("input.area_range", (0.5, 0.1), "config.input.area_range"),
     ("map_class_weighting", "by_size", "config.map_class_weighting='by_size'"),
     ("loss", "hinge", "config.loss"),
-])
+  ],
+)
 def test_bad_config_raises_naming_the_key(key, value, message):
   c = common.base_config()
   c.optimizer.name = "rmsprop_tf"

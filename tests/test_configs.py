@@ -1,4 +1,5 @@
 """Every config in configs/ builds, and runs 2 steps in its `runlocal` form."""
+
 import glob
 import importlib.util
 import json
@@ -10,8 +11,11 @@ import pytest
 
 from xception_jax import train
 
-CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
-                      if os.path.basename(p) not in ("__init__.py", "common.py"))
+CONFIG_FILES = sorted(
+  p
+  for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+  if os.path.basename(p) not in ("__init__.py", "common.py")
+)
 
 
 def load_config(path, arg=None):
@@ -28,13 +32,20 @@ RUNLOCAL_FILES = [p for p in CONFIG_FILES if os.path.basename(p) != "finetune.py
 
 def test_all_recipes_are_found():
   names = {os.path.basename(p) for p in CONFIG_FILES}
-  assert {"imagenet.py", "inception_v3_imagenet.py", "jft_like.py", "spectrum.py",
-          "quickstart.py", "finetune.py"} <= names
+  assert {
+    "imagenet.py",
+    "inception_v3_imagenet.py",
+    "jft_like.py",
+    "spectrum.py",
+    "quickstart.py",
+    "finetune.py",
+  } <= names
 
 
 def test_configs_load_from_another_working_directory(tmp_path):
   """--config=/abs/path/configs/X.py from any folder, through ml_collections' flag as main.py."""
-  script = "\n".join([
+  script = "\n".join(
+    [
       "import sys",
       "from absl import flags",
       "from ml_collections import config_flags",
@@ -47,10 +58,17 @@ def test_configs_load_from_another_working_directory(tmp_path):
       "  flags.FLAGS.unparse_flags()",
       "  flags.FLAGS(['main', '--config=' + path + ':runlocal'])",
       "  print(flags.FLAGS.config.model_name)",
-  ])
+    ]
+  )
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # `configs` not importable
-  result = subprocess.run([sys.executable, "-c", script, *map(os.path.abspath, CONFIG_FILES)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, "-c", script, *map(os.path.abspath, CONFIG_FILES)],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(result.stdout.split()) == len(CONFIG_FILES)
 
@@ -58,8 +76,15 @@ def test_configs_load_from_another_working_directory(tmp_path):
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_has_the_common_fields_and_is_locked(path):
   config = load_config(path)
-  for key in ("dataset", "batch_size", "total_steps", "seed", "log_every_steps",
-              "eval_every_steps", "checkpoint_every_steps"):
+  for key in (
+    "dataset",
+    "batch_size",
+    "total_steps",
+    "seed",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+  ):
     assert key in config, key
   with pytest.raises(AttributeError):
     config.no_such_key = 1
@@ -67,15 +92,28 @@ def test_config_has_the_common_fields_and_is_locked(path):
 
 def test_recipes_have_the_papers_settings():
   imagenet = load_config(os.path.join(os.path.dirname(CONFIG_FILES[0]), "imagenet.py"))
-  assert (imagenet.optimizer.name, imagenet.lr.base, imagenet.lr.decay_rate,
-          imagenet.lr.decay_every_epochs, imagenet.weight_decay, imagenet.model.dropout_rate) == (
-              "sgd", 0.045, 0.94, 2.0, 1e-5, 0.5)
-  inception = load_config(os.path.join(os.path.dirname(CONFIG_FILES[0]), "inception_v3_imagenet.py"))
+  assert (
+    imagenet.optimizer.name,
+    imagenet.lr.base,
+    imagenet.lr.decay_rate,
+    imagenet.lr.decay_every_epochs,
+    imagenet.weight_decay,
+    imagenet.model.dropout_rate,
+  ) == ("sgd", 0.045, 0.94, 2.0, 1e-5, 0.5)
+  inception = load_config(
+    os.path.join(os.path.dirname(CONFIG_FILES[0]), "inception_v3_imagenet.py")
+  )
   assert (inception.model_name, inception.weight_decay) == ("inception_v3", 4e-5)
   jft = load_config(os.path.join(os.path.dirname(CONFIG_FILES[0]), "jft_like.py"), "fc")
-  assert (jft.optimizer.name, jft.lr.base, jft.lr.decay_rate, jft.lr.decay_every_samples,
-          jft.loss, tuple(jft.model.fc_layers), jft.dataset) == (
-              "rmsprop_tf", 0.001, 0.9, 3_000_000, "sigmoid", (4096, 4096), "open_images_v4")
+  assert (
+    jft.optimizer.name,
+    jft.lr.base,
+    jft.lr.decay_rate,
+    jft.lr.decay_every_samples,
+    jft.loss,
+    tuple(jft.model.fc_layers),
+    jft.dataset,
+  ) == ("rmsprop_tf", 0.001, 0.9, 3_000_000, "sigmoid", (4096, 4096), "open_images_v4")
 
 
 @pytest.mark.parametrize("path", RUNLOCAL_FILES, ids=os.path.basename)

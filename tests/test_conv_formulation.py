@@ -9,6 +9,7 @@ CUDA holds the native convolutions by default, and matrix products where the ove
 table says so, while other platforms keep theirs; the benchmark flag is validated, recorded and
 takes effect.
 """
+
 import functools
 import importlib.util
 import json
@@ -17,33 +18,39 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from test_cpu_formulations import _assert_close
+from test_cpu_formulations import _lowered_ops
+from test_cpu_formulations import _native_conv
+from test_cpu_formulations import _normal
+from test_cpu_formulations import _ours_conv
+from test_cpu_formulations import _value_and_grads
 
-from test_cpu_formulations import (_assert_close, _lowered_ops, _native_conv, _normal,
-                                   _ours_conv, _value_and_grads)
 from xception_jax.models import layers
 from xception_jax.tools import benchmark
 from xception_jax.tools import measurements
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
-    "profile_summary", os.path.join(REPO, "bench", "profile_summary.py"))
+  "profile_summary", os.path.join(REPO, "bench", "profile_summary.py")
+)
 profile_summary = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(profile_summary)
 
 # One convolution of each kind: (kind, input shape, kernel shape, strides, feature groups).
 KINDS = [
-    ("depthwise", (2, 7, 7, 8), (3, 3, 1, 8), (1, 1), 8),
-    ("grouped", (1, 6, 5, 80), (3, 3, 4, 80), (2, 2), 20),  # narrow groups: merged, strided
-    ("pointwise", (2, 8, 6, 8), (1, 1, 8, 12), (2, 2), 1),
+  ("depthwise", (2, 7, 7, 8), (3, 3, 1, 8), (1, 1), 8),
+  ("grouped", (1, 6, 5, 80), (3, 3, 4, 80), (2, 2), 20),  # narrow groups: merged, strided
+  ("pointwise", (2, 8, 6, 8), (1, 1, 8, 12), (2, 2), 1),
 ]
 
 
 def test_parse_conv_formulation():
   assert layers.parse_conv_formulation("auto") == {}
-  assert layers.parse_conv_formulation("rewritten") == dict.fromkeys(layers.CONV_KINDS,
-                                                                       "rewritten")
+  assert layers.parse_conv_formulation("rewritten") == dict.fromkeys(layers.CONV_KINDS, "rewritten")
   assert layers.parse_conv_formulation(" grouped=rewritten, depthwise=auto,pointwise=native") == {
-      "grouped": "rewritten", "pointwise": "native"}
+    "grouped": "rewritten",
+    "pointwise": "native",
+  }
   for bad in ("fast", "grouped", "grouped=fast", "dense=native", ""):
     with pytest.raises(ValueError, match="KIND=FORM"):
       layers.parse_conv_formulation(bad)
@@ -76,13 +83,17 @@ def test_cuda_lowering_follows_the_table_and_the_override(monkeypatch):
   depthwise = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 8)
   grouped = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 20)
   pointwise = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 1)
-  cases = {"depthwise": (depthwise, x8, w_dw), "grouped": (grouped, x80, w_g),
-           "pointwise": (pointwise, x8, w_1)}
+  cases = {
+    "depthwise": (depthwise, x8, w_dw),
+    "grouped": (grouped, x80, w_g),
+    "pointwise": (pointwise, x8, w_1),
+  }
 
   def lowered(kind, platform):
     fn, x, w = cases[kind]
-    return _lowered_ops(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)),
-                        platform, x, w)
+    return _lowered_ops(
+      jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)), platform, x, w
+    )
 
   def convs(kind, platform):
     return lowered(kind, platform).count("convolution")
@@ -97,7 +108,9 @@ def test_cuda_lowering_follows_the_table_and_the_override(monkeypatch):
     assert convs("pointwise", "cuda") > 0 and convs("pointwise", "cpu") == 0  # not forced: table
   assert convs("grouped", "cuda") > 0 and convs("depthwise", "cpu") == 0  # restored on exit
   # A table entry saying "rewritten" for CUDA rewrites there, and TPU keeps the native op.
-  monkeypatch.setitem(layers.CONV_FORMULATIONS, "grouped", {"cpu": "rewritten", "cuda": "rewritten"})
+  monkeypatch.setitem(
+    layers.CONV_FORMULATIONS, "grouped", {"cpu": "rewritten", "cuda": "rewritten"}
+  )
   assert convs("grouped", "cuda") == 0 and "dot_general" in lowered("grouped", "cuda")
   assert convs("grouped", "tpu") > 0
 
@@ -105,8 +118,9 @@ def test_cuda_lowering_follows_the_table_and_the_override(monkeypatch):
 def test_benchmark_flag_is_validated_and_takes_effect(tmp_path, capsys, monkeypatch):
   with pytest.raises(ValueError, match="--conv_formulation"):
     benchmark.BenchmarkSettings(conv_formulation="grouped=fast").validate()
-  settings, _ = benchmark.parse_args(["--conv_formulation=grouped=rewritten",
-                                      f"--profile_dir={tmp_path}"])
+  settings, _ = benchmark.parse_args(
+    ["--conv_formulation=grouped=rewritten", f"--profile_dir={tmp_path}"]
+  )
   assert settings.conv_formulation == "grouped=rewritten" and settings.profile_dir == str(tmp_path)
   # The whole build-lower-compile-time runs inside the override (the real run is exercised by
   # tests/test_benchmark.py with the default, and on a model by `bench/gpu_run.sh --smoke`).
@@ -120,8 +134,9 @@ def test_benchmark_flag_is_validated_and_takes_effect(tmp_path, capsys, monkeypa
   with layers.conv_formulation("native"):
     assert measurements.count_ops(step.lower(x, w)) == {"convolution": 1, "dot_general": 0}
   assert measurements.profile(lambda i: step(x, w), 0, str(tmp_path / "trace")) is None
-  assert profile_summary.main([str(tmp_path / "trace"), "--top=3",
-                               f"--json-out={tmp_path}/p.json"]) == 0
+  assert (
+    profile_summary.main([str(tmp_path / "trace"), "--top=3", f"--json-out={tmp_path}/p.json"]) == 0
+  )
   summary = json.loads((tmp_path / "p.json").read_text())
   assert summary["kind"] == "host" and summary["top"] and summary["top"][0]["total_ms"] > 0
   assert "| 1 |" in capsys.readouterr().out

@@ -4,14 +4,15 @@ The reference models have random weights and batch-norm statistics (tests/keras_
 are written with tf_keras save_weights, the layout of the published ImageNet files. Each Keras
 model is built once per module (a few seconds each); our side compiles one forward pass per case.
 """
+
 from __future__ import annotations
 
 import h5py
 import jax
+import keras_reference
 import numpy as np
 import pytest
 
-import keras_reference
 from xception_jax import convert
 from xception_jax import keras_file
 from xception_jax import models
@@ -40,8 +41,15 @@ def reference(request, tmp_path_factory):
   notop_path = keras_reference.save_h5(notop, directory, "notop.h5")
   features = keras_reference.predict(notop, images_headless)
   del notop
-  return dict(name=name, top=top_path, notop=notop_path, images_299=images_299, logits=logits,
-              images_headless=images_headless, features=features)
+  return dict(
+    name=name,
+    top=top_path,
+    notop=notop_path,
+    images_299=images_299,
+    logits=logits,
+    images_headless=images_headless,
+    features=features,
+  )
 
 
 def _max_diff(model, variables, images, expected) -> float:
@@ -55,8 +63,9 @@ def test_logits_match_keras_at_299(reference):
   model = models.create(reference["name"])
   result = convert.import_keras_h5(reference["top"], model)
   assert result.reinitialized == () and result.ignored == ()
-  assert _max_diff(model, result.variables, reference["images_299"],
-                   reference["logits"]) <= TOLERANCE
+  assert (
+    _max_diff(model, result.variables, reference["images_299"], reference["logits"]) <= TOLERANCE
+  )
 
 
 def test_headless_feature_map_matches_keras_non_square(reference):
@@ -64,15 +73,18 @@ def test_headless_feature_map_matches_keras_non_square(reference):
   result = convert.import_keras_h5(reference["notop"], model)
   assert result.reinitialized == () and result.ignored == ()
   assert reference["features"].shape[-1] == 2048
-  assert _max_diff(model, result.variables, reference["images_headless"],
-                   reference["features"]) <= TOLERANCE
+  assert (
+    _max_diff(model, result.variables, reference["images_headless"], reference["features"])
+    <= TOLERANCE
+  )
 
 
 def test_different_class_count_leaves_head_for_reinitialisation(reference):
   full = convert.import_keras_h5(reference["top"], models.create(reference["name"]))
   with pytest.warns(UserWarning, match="re-initialisation.*1000 classes, the model 10"):
-    result = convert.import_keras_h5(reference["top"], models.create(reference["name"],
-                                                                      num_classes=10))
+    result = convert.import_keras_h5(
+      reference["top"], models.create(reference["name"], num_classes=10)
+    )
   assert result.reinitialized == ("params/predictions/bias", "params/predictions/kernel")
   assert result.ignored == ("predictions",)
   head = result.variables["params"]["predictions"]
@@ -85,14 +97,16 @@ def test_different_class_count_leaves_head_for_reinitialisation(reference):
 
 def test_file_without_top_initialises_the_models_head(reference):
   with pytest.warns(UserWarning, match="no classifier"):
-    result = convert.import_keras_h5(reference["notop"], models.create(reference["name"],
-                                                                        num_classes=5))
+    result = convert.import_keras_h5(
+      reference["notop"], models.create(reference["name"], num_classes=5)
+    )
   assert result.reinitialized == ("params/predictions/bias", "params/predictions/kernel")
 
 
 def test_headless_model_ignores_the_files_classifier(reference):
-  result = convert.import_keras_h5(reference["top"], models.create(reference["name"],
-                                                                    num_classes=0))
+  result = convert.import_keras_h5(
+    reference["top"], models.create(reference["name"], num_classes=0)
+  )
   assert result.ignored == ("predictions",) and result.reinitialized == ()
   assert "predictions" not in result.variables["params"]
 
@@ -100,9 +114,14 @@ def test_headless_model_ignores_the_files_classifier(reference):
 def test_fc_layers_are_initialised_with_the_head(reference):
   with pytest.warns(UserWarning, match="fc_layers"):
     result = convert.import_keras_h5(
-        reference["top"], models.create(reference["name"], num_classes=10, fc_layers=(16,)))
-  assert result.reinitialized == ("params/fc1/bias", "params/fc1/kernel",
-                                  "params/predictions/bias", "params/predictions/kernel")
+      reference["top"], models.create(reference["name"], num_classes=10, fc_layers=(16,))
+    )
+  assert result.reinitialized == (
+    "params/fc1/bias",
+    "params/fc1/kernel",
+    "params/predictions/bias",
+    "params/predictions/kernel",
+  )
 
 
 def _renamed_copy(source, destination):
@@ -142,8 +161,10 @@ def test_shape_mismatch_names_the_layer_and_both_shapes(reference):
     expected = r"'conv2d'.*\(3, 3, 3, 32\).*stem/branch0_0/conv/kernel.*\(3, 3, 3, 16\)"
   else:  # a regular 3x3 conv (1 segment) where Keras has a depthwise one
     model = models.create("xception", segments=1)
-    expected = (r"'block2_sepconv1'.*\(3, 3, 64, 1\) \(as \(3, 3, 1, 64\) in our layout\)"
-                r".*block2_sepconv1/spatial/kernel.*\(3, 3, 64, 64\)")
+    expected = (
+      r"'block2_sepconv1'.*\(3, 3, 64, 1\) \(as \(3, 3, 1, 64\) in our layout\)"
+      r".*block2_sepconv1/spatial/kernel.*\(3, 3, 64, 64\)"
+    )
   with pytest.raises(ValueError, match=expected):
     convert.import_keras_h5(reference["top"], model)
 

@@ -6,16 +6,17 @@ saved with `save_weights("x.weights.h5")` and `save("x.keras")`, and our import 
 give Keras 3's logits. Full-size networks at 75x75 (Inception V3's minimum) keep the forward
 passes cheap; the layer count and order are those of the 299x299 network.
 """
+
 from __future__ import annotations
 
 import zipfile
 
 import h5py
 import jax
+import keras_reference
 import numpy as np
 import pytest
 
-import keras_reference
 from xception_jax import convert
 from xception_jax import models
 
@@ -29,8 +30,9 @@ def keras3_files(request, tmp_path_factory):
   name = request.param
   directory = tmp_path_factory.mktemp(f"keras3_{name}")
   keras = keras_reference.keras3()
-  model = keras_reference.randomized_model(name, include_top=True, input_shape=(SIZE, SIZE, 3),
-                                           seed=5, keras_module=keras)
+  model = keras_reference.randomized_model(
+    name, include_top=True, input_shape=(SIZE, SIZE, 3), seed=5, keras_module=keras
+  )
   images = np.random.default_rng(6).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
   weights_path, archive_path = directory / "model.weights.h5", directory / "model.keras"
   model.save_weights(str(weights_path))
@@ -38,8 +40,7 @@ def keras3_files(request, tmp_path_factory):
   logits = keras_reference.predict(model, images)
   del model
   keras.backend.clear_session()
-  return dict(name=name, weights=weights_path, archive=archive_path, images=images,
-              logits=logits)
+  return dict(name=name, weights=weights_path, archive=archive_path, images=images, logits=logits)
 
 
 def test_keras3_files_match_keras3_logits(keras3_files):
@@ -49,21 +50,27 @@ def test_keras3_files_match_keras3_logits(keras3_files):
   assert from_weights.reinitialized == () and from_weights.ignored == ()
   assert from_weights.loaded == from_archive.loaded
   jax.tree.map(np.testing.assert_array_equal, from_weights.variables, from_archive.variables)
-  ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      from_weights.variables, keras3_files["images"]))
+  ours = np.asarray(
+    jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      from_weights.variables, keras3_files["images"]
+    )
+  )
   assert np.abs(keras3_files["logits"]).max() > 0.5
   assert float(np.abs(ours - keras3_files["logits"]).max()) <= TOLERANCE
 
 
 def test_keras3_layers_are_named_by_keras_in_the_import_record(keras3_files):
   """The record names Keras's own layer names (stored as an attribute), in Keras's order."""
-  result = convert.import_keras_h5(keras3_files["weights"],
-                                   models.create(keras3_files["name"], num_classes=0))
+  result = convert.import_keras_h5(
+    keras3_files["weights"], models.create(keras3_files["name"], num_classes=0)
+  )
   assert result.ignored == ("predictions",)
   if keras3_files["name"] == "xception":
-    assert result.loaded[:3] == (("block1_conv1", "block1_conv1"),
-                                 ("block1_conv1_bn", "block1_conv1_bn"),
-                                 ("block1_conv2", "block1_conv2"))
+    assert result.loaded[:3] == (
+      ("block1_conv1", "block1_conv1"),
+      ("block1_conv1_bn", "block1_conv1_bn"),
+      ("block1_conv2", "block1_conv2"),
+    )
     assert ("block13_sepconv2", "block13_sepconv2") in result.loaded
 
 

@@ -8,12 +8,13 @@ ops (fp32 tightly, bf16 loosely) for odd and even sizes, SAME padding with its e
 end, and stride 2 (the 1x1 shortcuts); that the CPU branch is the one compiled on CPU and the
 native one is what a GPU / TPU program gets; and that the parameters keep their names and shapes.
 """
+
 import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,19 +28,23 @@ def _normal(seed, shape, dtype=jnp.float32):
 
 
 def _native_conv(x, w, strides, padding, groups):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
-                                  feature_group_count=groups)
+  return lax.conv_general_dilated(
+    x, w, strides, padding, dimension_numbers=NHWC, feature_group_count=groups
+  )
 
 
 def _ours_conv(x, w, strides, padding, groups):
-  return layers.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
-                                     feature_group_count=groups)
+  return layers.conv_general_dilated(
+    x, w, strides, padding, dimension_numbers=NHWC, feature_group_count=groups
+  )
 
 
 def _value_and_grads(conv, x, w, cotangent):
   """conv(x, w) and the gradients of <conv(x, w), cotangent> wrt x and w, in float32."""
+
   def loss(x, w):
     return jnp.sum(conv(x, w).astype(jnp.float32) * cotangent)
+
   y = jax.jit(conv)(x, w)
   gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
   return [np.asarray(a, np.float32) for a in (y, gx, gw)]
@@ -57,31 +62,34 @@ def _assert_close(ours, native, dtype, names=("value", "grad x", "grad kernel"))
 # even sizes, and a strided one although Xception has none), 1x1 at stride 1 and 2 (SAME on odd
 # and even sizes, and VALID).
 CONVS = [
-    ((2, 7, 7, 8), (3, 3, 1, 8), (1, 1), "SAME", 8),
-    ((2, 8, 6, 16), (3, 3, 1, 16), (1, 1), "SAME", 16),
-    ((2, 8, 7, 8), (3, 3, 1, 8), (2, 2), "SAME", 8),
-    ((2, 7, 7, 8), (1, 1, 8, 12), (1, 1), "SAME", 1),
-    ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
-    ((2, 8, 6, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
-    ((2, 9, 8, 8), (1, 1, 8, 12), (2, 2), "VALID", 1),
-    ((2, 7, 7, 8), (3, 3, 2, 8), (1, 1), "SAME", 4),    # grouped: the spectrum's middle
-    ((2, 8, 6, 12), (3, 3, 6, 12), (1, 1), "SAME", 2),
-    ((2, 8, 7, 8), (3, 3, 4, 8), (2, 2), "SAME", 2),
-    # Narrow groups merged into block-diagonal ones: 20 groups of 4 -> 4 blocks of 20 (also
-    # strided), 16 groups of 4 in / 2 out -> 2 blocks; and 2 groups of 48, too wide to merge.
-    ((1, 5, 5, 80), (3, 3, 4, 80), (1, 1), "SAME", 20),
-    ((1, 6, 5, 80), (3, 3, 4, 80), (2, 2), "SAME", 20),
-    ((1, 5, 5, 64), (3, 3, 4, 32), (1, 1), "SAME", 16),
-    ((1, 5, 5, 96), (3, 3, 48, 96), (1, 1), "SAME", 2),
+  ((2, 7, 7, 8), (3, 3, 1, 8), (1, 1), "SAME", 8),
+  ((2, 8, 6, 16), (3, 3, 1, 16), (1, 1), "SAME", 16),
+  ((2, 8, 7, 8), (3, 3, 1, 8), (2, 2), "SAME", 8),
+  ((2, 7, 7, 8), (1, 1, 8, 12), (1, 1), "SAME", 1),
+  ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
+  ((2, 8, 6, 8), (1, 1, 8, 12), (2, 2), "SAME", 1),
+  ((2, 9, 8, 8), (1, 1, 8, 12), (2, 2), "VALID", 1),
+  ((2, 7, 7, 8), (3, 3, 2, 8), (1, 1), "SAME", 4),  # grouped: the spectrum's middle
+  ((2, 8, 6, 12), (3, 3, 6, 12), (1, 1), "SAME", 2),
+  ((2, 8, 7, 8), (3, 3, 4, 8), (2, 2), "SAME", 2),
+  # Narrow groups merged into block-diagonal ones: 20 groups of 4 -> 4 blocks of 20 (also
+  # strided), 16 groups of 4 in / 2 out -> 2 blocks; and 2 groups of 48, too wide to merge.
+  ((1, 5, 5, 80), (3, 3, 4, 80), (1, 1), "SAME", 20),
+  ((1, 6, 5, 80), (3, 3, 4, 80), (2, 2), "SAME", 20),
+  ((1, 5, 5, 64), (3, 3, 4, 32), (1, 1), "SAME", 16),
+  ((1, 5, 5, 96), (3, 3, 48, 96), (1, 1), "SAME", 2),
 ]
 
 
-@pytest.mark.parametrize("w_shape,groups,merged", [
-    ((3, 3, 4, 80), 20, (4, (3, 3, 20, 80))),    # k = 5: the largest divisor of 20 with 4k <= 32
+@pytest.mark.parametrize(
+  "w_shape,groups,merged",
+  [
+    ((3, 3, 4, 80), 20, (4, (3, 3, 20, 80))),  # k = 5: the largest divisor of 20 with 4k <= 32
     ((3, 3, 4, 32), 16, (2, (3, 3, 32, 32))),
     ((3, 3, 2, 256), 128, (8, (3, 3, 32, 256))),
-    ((3, 3, 48, 96), 2, (2, (3, 3, 48, 96))),    # already wide: unchanged
-])
+    ((3, 3, 48, 96), 2, (2, (3, 3, 48, 96))),  # already wide: unchanged
+  ],
+)
 def test_narrow_groups_merge_into_block_diagonal_kernels(w_shape, groups, merged):
   w = _normal(0, w_shape)
   kernel, blocks = layers._merged_groups(w, groups)
@@ -93,8 +101,9 @@ def test_narrow_groups_merge_into_block_diagonal_kernels(w_shape, groups, merged
     rows = slice(a * group_in, (a + 1) * group_in)
     cols = slice(g * d, (g + 1) * d)
     np.testing.assert_array_equal(kernel[:, :, rows, cols], w[:, :, :, cols])
-    assert float(jnp.abs(kernel[:, :, rows, block * k * d:(block + 1) * k * d]).sum()) == \
-        pytest.approx(float(jnp.abs(w[:, :, :, cols]).sum()))
+    assert float(
+      jnp.abs(kernel[:, :, rows, block * k * d : (block + 1) * k * d]).sum()
+    ) == pytest.approx(float(jnp.abs(w[:, :, :, cols]).sum()))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
@@ -103,10 +112,15 @@ def test_conv_matches_native(x_shape, w_shape, strides, padding, groups, dtype):
   x, w = _normal(0, x_shape, dtype), _normal(1, w_shape, dtype)
   out_shape = _native_conv(x, w, strides, padding, groups).shape
   cotangent = _normal(2, out_shape)
-  ours = _value_and_grads(functools.partial(_ours_conv, strides=strides, padding=padding,
-                                            groups=groups), x, w, cotangent)
-  native = _value_and_grads(functools.partial(_native_conv, strides=strides, padding=padding,
-                                              groups=groups), x, w, cotangent)
+  ours = _value_and_grads(
+    functools.partial(_ours_conv, strides=strides, padding=padding, groups=groups), x, w, cotangent
+  )
+  native = _value_and_grads(
+    functools.partial(_native_conv, strides=strides, padding=padding, groups=groups),
+    x,
+    w,
+    cotangent,
+  )
   assert ours[0].shape == native[0].shape == out_shape
   _assert_close(ours, native, dtype)
 
@@ -122,6 +136,7 @@ def test_cpu_program_uses_rewrites_and_other_platforms_keep_native_ops():
   def loss(x, w, w1):
     y = _ours_conv(_ours_conv(x, w, (1, 1), "SAME", 8), w1, (2, 2), "SAME", 1)
     return jnp.sum(y.astype(jnp.float32) ** 2)
+
   step = jax.grad(loss, argnums=(0, 1, 2))
   assert "convolution" not in _lowered_ops(step, "cpu", x, w, w1)
   for platform in ("cuda", "tpu"):
@@ -133,10 +148,12 @@ def test_regular_convs_fall_through_to_native():
   rewritten there but stay native on GPU and TPU."""
   x = _normal(0, (1, 6, 6, 8))
   w = _normal(1, (3, 3, 8, 8))
-  assert "convolution" in _lowered_ops(lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 1), "cpu",
-                                       x, w)
-  np.testing.assert_allclose(_ours_conv(x, w, (1, 1), "SAME", 1),
-                             _native_conv(x, w, (1, 1), "SAME", 1), rtol=1e-6, atol=1e-6)
+  assert "convolution" in _lowered_ops(
+    lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 1), "cpu", x, w
+  )
+  np.testing.assert_allclose(
+    _ours_conv(x, w, (1, 1), "SAME", 1), _native_conv(x, w, (1, 1), "SAME", 1), rtol=1e-6, atol=1e-6
+  )
   grouped = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 4)
   w4 = _normal(1, (3, 3, 2, 8))
   assert "convolution" not in _lowered_ops(grouped, "cpu", x, w4)
@@ -155,9 +172,11 @@ def test_separable_conv_params_values_and_grads_match_native(segments, order, dt
   spatial = 8 if order == "depthwise_first" else 16
   groups = spatial if segments == "depthwise" else segments
   shapes = jax.tree.map(lambda a: a.shape, params)
-  assert shapes == {"spatial": {"kernel": (3, 3, spatial // groups, spatial)},
-                    "pointwise": {"kernel": (1, 1, 8, 16)}}
-  params = jax.tree.map(lambda a, s=iter(range(10, 20)): _normal(next(s), a.shape), params)
+  assert shapes == {
+    "spatial": {"kernel": (3, 3, spatial // groups, spatial)},
+    "pointwise": {"kernel": (1, 1, 8, 16)},
+  }
+  params = jax.tree.map(lambda a, s=iter(range(10, 20)): _normal(next(s), a.shape), params)  # noqa: B008
   cotangent = _normal(7, (2, 7, 7, 16))
 
   def native(p, x):
@@ -170,12 +189,15 @@ def test_separable_conv_params_values_and_grads_match_native(segments, order, dt
 
   def ours(p, x):
     return module.apply({"params": p}, x)
+
   results = []
   for fn in (ours, native):
     y = jax.jit(fn)(params, x)
     g = jax.jit(jax.grad(lambda p, fn=fn: jnp.sum(fn(p, x).astype(jnp.float32) * cotangent)))(
-        params)
+      params
+    )
     assert y.dtype == dtype
     results.append([np.asarray(y, np.float32), *(np.asarray(a) for a in jax.tree.leaves(g))])
-  _assert_close(results[0], results[1], dtype,
-                names=("value", "grad pointwise/kernel", "grad spatial/kernel"))
+  _assert_close(
+    results[0], results[1], dtype, names=("value", "grad pointwise/kernel", "grad spatial/kernel")
+  )

@@ -1,4 +1,5 @@
 """The tf.data pipelines on the embedded datasets: batches, shards, eval padding, resumption."""
+
 import hashlib
 
 import numpy as np
@@ -74,9 +75,13 @@ def test_num_classes_override_and_validation(data_dir):
 @pytest.mark.parametrize("process_count", [2, 3, 4])
 def test_train_shards_are_disjoint_and_complete(data_dir, process_count):
   # No augmentation (whole image, no flip): an example's pixels identify it.
-  c = _config(data_dir, train_split="train[:120]", batch_size=8 * process_count, image_size=12,
-              **{"input.area_range": (1.0, 1.0), "input.aspect_ratio_range": (1.0, 1.0),
-                 "input.flip": False})
+  c = _config(
+    data_dir,
+    train_split="train[:120]",
+    batch_size=8 * process_count,
+    image_size=12,
+    **{"input.area_range": (1.0, 1.0), "input.aspect_ratio_range": (1.0, 1.0), "input.flip": False},
+  )
   info = data.dataset_info(c)
   seen = []
   for p in range(process_count):
@@ -113,8 +118,9 @@ def test_eval_counts_every_example_once(data_dir, process_count, eval_batch_size
 
 def test_restored_iterator_matches_uninterrupted(data_dir):
   # 100 examples, 2 processes, 8 per process per step: epochs end mid-batch (50 / 8).
-  c = _config(data_dir, train_split="train[:100]", batch_size=16, seed=7,
-              **{"input.color_distortion": True})
+  c = _config(
+    data_dir, train_split="train[:100]", batch_size=16, seed=7, **{"input.color_distortion": True}
+  )
   info = data.dataset_info(c)
   for p in range(2):
     full = data.create_train_iterator(c, info, process_index=p, process_count=2)
@@ -124,8 +130,11 @@ def test_restored_iterator_matches_uninterrupted(data_dir):
       batch = next(restored)
       np.testing.assert_array_equal(batch["image"], reference[step]["image"])
       np.testing.assert_array_equal(batch["label"], reference[step]["label"])
-  other_seed = next(data.create_train_iterator(_config(data_dir, train_split="train[:100]", seed=8),
-                                               info, process_index=0, process_count=2))
+  other_seed = next(
+    data.create_train_iterator(
+      _config(data_dir, train_split="train[:100]", seed=8), info, process_index=0, process_count=2
+    )
+  )
   assert not np.array_equal(other_seed["image"], reference[0]["image"])
 
 
@@ -133,8 +142,9 @@ def test_bad_config_values_fail_fast(data_dir):
   # The input settings themselves: tests/test_config_check.py.
   with pytest.raises(ValueError, match="not divisible by the number of JAX processes"):
     info = data.dataset_info(_config(data_dir))
-    data.create_train_iterator(_config(data_dir, batch_size=10), info, process_index=0,
-                               process_count=4)
+    data.create_train_iterator(
+      _config(data_dir, batch_size=10), info, process_index=0, process_count=4
+    )
   with pytest.raises(ValueError, match="config.train_split='nope' is not a split"):
     data.dataset_info(_config(data_dir, train_split="nope"))
 
@@ -155,13 +165,18 @@ def test_unknown_dataset_and_missing_manual_download_fail_fast(tmp_path):
 def test_tensorflow_is_shown_no_gpus(monkeypatch):
   """The pipeline hides GPUs from TensorFlow (a GPU build would take their memory from JAX)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from xception_jax.data import pipeline  # pylint: disable=g-import-not-at-top,unused-import
+
   from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
+
   assert not tf.config.get_visible_devices("GPU")
   calls = []
-  monkeypatch.setattr(tf.config, "list_physical_devices",
-                      lambda kind: ["/physical_device:GPU:0"] if kind == "GPU" else [])
-  monkeypatch.setattr(tf.config, "set_visible_devices",
-                      lambda devices, kind: calls.append((list(devices), kind)))
+  monkeypatch.setattr(
+    tf.config,
+    "list_physical_devices",
+    lambda kind: ["/physical_device:GPU:0"] if kind == "GPU" else [],
+  )
+  monkeypatch.setattr(
+    tf.config, "set_visible_devices", lambda devices, kind: calls.append((list(devices), kind))
+  )
   tf_host.hide_accelerators()
   assert calls == [([], "GPU")]

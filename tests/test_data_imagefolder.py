@@ -1,10 +1,11 @@
 """User data: image folders with bad files, empty/missing folders, manifests, the input bench."""
+
 import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import common
 from xception_jax import data
@@ -34,7 +35,7 @@ def _make_folder(root, with_bad=True):
   if with_bad:
     good = open(f"{root}/train/cat/a.jpg", "rb").read()
     with open(f"{root}/train/dog/truncated.jpg", "wb") as f:
-      f.write(good[:len(good) // 2])
+      f.write(good[: len(good) // 2])
     with open(f"{root}/train/fox/notes.txt", "w") as f:
       f.write("not an image")
     bad = [f"{root}/train/dog/truncated.jpg", f"{root}/train/fox/notes.txt"]
@@ -65,13 +66,17 @@ def test_bad_files_are_skipped_with_warnings_naming_each(tmp_path):
   assert info.class_names == ("cat", "dog", "fox") and info.num_classes == 3
   assert (info.num_train_examples, info.num_eval_examples) == (12, 6)
   # Several epochs of training never meet a bad file (no crash mid-epoch).
-  iterator = data.create_train_iterator(_config(root, tmp_path, bad_files="skip"), info,
-                                        process_index=0, process_count=1)
+  iterator = data.create_train_iterator(
+    _config(root, tmp_path, bad_files="skip"), info, process_index=0, process_count=1
+  )
   for _ in range(7):
     batch = next(iterator)
     assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
-  eval_batches = list(data.create_eval_iterator(_config(root, tmp_path, bad_files="skip"), info,
-                                                process_index=0, process_count=1))
+  eval_batches = list(
+    data.create_eval_iterator(
+      _config(root, tmp_path, bad_files="skip"), info, process_index=0, process_count=1
+    )
+  )
   assert sum(b["mask"].sum() for b in eval_batches) == 6 and len(eval_batches) == 2
 
 
@@ -117,17 +122,29 @@ def test_manifest_to_multi_label_tfds_dataset(tmp_path):
     _save(str(tmp_path / "img" / f"{i}.jpg"), seed=i)
   (tmp_path / "img" / "bad.jpg").write_text("not an image")
   (tmp_path / "train.csv").write_text(
-      "image,labels\nimg/0.jpg,cat dog\nimg/1.jpg,dog\nimg/2.jpg,fox;cat\nimg/bad.jpg,cat\n")
+    "image,labels\nimg/0.jpg,cat dog\nimg/1.jpg,dog\nimg/2.jpg,fox;cat\nimg/bad.jpg,cat\n"
+  )
   (tmp_path / "val.jsonl").write_text(
-      json.dumps({"image": "img/3.jpg", "labels": ["fox"]}) + "\n"
-      + json.dumps({"image": str(tmp_path / "img" / "4.jpg"), "labels": [0, 1]}) + "\n")
+    json.dumps({"image": "img/3.jpg", "labels": ["fox"]})
+    + "\n"
+    + json.dumps({"image": str(tmp_path / "img" / "4.jpg"), "labels": [0, 1]})
+    + "\n"
+  )
   data_dir = str(tmp_path / "tfds")
-  manifest.build("my_tags", {"train": str(tmp_path / "train.csv"),
-                             "validation": str(tmp_path / "val.jsonl")},
-                 data_dir, class_names=["cat", "dog", "fox"])
+  manifest.build(
+    "my_tags",
+    {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "val.jsonl")},
+    data_dir,
+    class_names=["cat", "dog", "fox"],
+  )
   c = common.base_config()
   c.dataset, c.data_dir, c.image_size, c.batch_size, c.eval_batch_size = (
-      "my_tags", data_dir, 16, 2, 4)
+    "my_tags",
+    data_dir,
+    16,
+    2,
+    4,
+  )
   info = data.dataset_info(c)
   assert info.multi_label and info.class_names == ("cat", "dog", "fox")
   assert (info.num_train_examples, info.num_eval_examples) == (3, 2)
@@ -136,8 +153,9 @@ def test_manifest_to_multi_label_tfds_dataset(tmp_path):
   np.testing.assert_array_equal(batch["mask"], [1, 1, 0, 0])
   with pytest.raises(ValueError, match="label 'wolf' .* is not an integer id nor a name"):
     (tmp_path / "wolf.csv").write_text("img/0.jpg,wolf\n")
-    manifest.build("other", {"train": str(tmp_path / "wolf.csv")}, data_dir,
-                   class_names=["cat", "dog", "fox"])
+    manifest.build(
+      "other", {"train": str(tmp_path / "wolf.csv")}, data_dir, class_names=["cat", "dog", "fox"]
+    )
 
 
 def test_input_bench_measures_the_train_pipeline(tmp_path):
@@ -146,9 +164,11 @@ def test_input_bench_measures_the_train_pipeline(tmp_path):
   result = input_bench.measure(_config(root, tmp_path), batches=3, warmup_batches=1)
   assert result["images_per_sec"] > 0 and result["cores"] >= 1
   assert result["images_per_sec_per_core"] == pytest.approx(
-      result["images_per_sec"] / result["cores"])
-  baseline = input_bench.measure(_config(root, tmp_path), batches=3, warmup_batches=1,
-                                 baseline="decode")
+    result["images_per_sec"] / result["cores"]
+  )
+  baseline = input_bench.measure(
+    _config(root, tmp_path), batches=3, warmup_batches=1, baseline="decode"
+  )
   assert baseline["baseline"] == "decode" and baseline["images_per_sec"] > 0
 
 
@@ -159,7 +179,9 @@ def test_imagefolder_process_shards_mix_classes(tmp_path):
   c = _config(root, tmp_path)
   c.batch_size = 12  # 2 processes x 6 = one epoch of each 6-example shard
   info = data.dataset_info(c)
-  labels = [next(data.create_train_iterator(c, info, process_index=p, process_count=2))["label"]
-            for p in range(2)]
+  labels = [
+    next(data.create_train_iterator(c, info, process_index=p, process_count=2))["label"]
+    for p in range(2)
+  ]
   assert all(len(set(l.tolist())) >= 2 for l in labels)
   np.testing.assert_array_equal(np.bincount(np.concatenate(labels), minlength=3), [4, 4, 4])

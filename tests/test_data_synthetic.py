@@ -1,4 +1,5 @@
 """The synthetic dataset: device-made batches, no TensorFlow."""
+
 import os
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def test_make_batch_shapes_ranges_and_sharding():
   assert -1.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
   assert batch["label"].dtype == np.int32 and int(batch["label"].max()) < 5
   assert batch["image"].sharding.is_equivalent_to(sharding, 4)
-  multi = synthetic.make_batch(jax.random.PRNGKey(0), 16, 8, 5, multi_label=True,
-                               dtype=jax.numpy.bfloat16)
+  multi = synthetic.make_batch(
+    jax.random.PRNGKey(0), 16, 8, 5, multi_label=True, dtype=jax.numpy.bfloat16
+  )
   assert multi["label"].shape == (16, 5) and multi["image"].dtype == jax.numpy.bfloat16
 
 
@@ -59,17 +61,19 @@ def test_synthetic_iterators_without_tensorflow():
 def test_tf_free_modules_do_not_import_tensorflow():
   # A fresh interpreter: this test process has TF loaded by the other data tests.
   code = (
-      "import sys\n"
-      "from configs import common\n"
-      "from xception_jax import data\n"
-      "from xception_jax.data import preprocess_numpy, shapes, sharding, synthetic\n"
-      "c = common.base_config(); c.dataset = 'synthetic'; c.image_size = 8; c.batch_size = 8\n"
-      "info = data.dataset_info(c)\n"
-      "next(data.create_train_iterator(c, info)); list(data.create_eval_iterator(c, info))\n"
-      "preprocess_numpy.eval_image(shapes.render_single_label(0, 0)[0], 8)\n"
-      "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    "import sys\n"
+    "from configs import common\n"
+    "from xception_jax import data\n"
+    "from xception_jax.data import preprocess_numpy, shapes, sharding, synthetic\n"
+    "c = common.base_config(); c.dataset = 'synthetic'; c.image_size = 8; c.batch_size = 8\n"
+    "info = data.dataset_info(c)\n"
+    "next(data.create_train_iterator(c, info)); list(data.create_eval_iterator(c, info))\n"
+    "preprocess_numpy.eval_image(shapes.render_single_label(0, 0)[0], 8)\n"
+    "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+  )
+  subprocess.run(
+    [sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+  )
 
 
 def test_synthetic_num_classes_and_multi_label_from_config():

@@ -10,6 +10,7 @@ Default run: full-size Xception at 299x299, the registered tiny Inception V3 and
 with 4 segments. `python -m pytest -m slow tests/test_export.py` adds full-size Inception V3 and
 full-size Xception with 4 segments at 299x299 (about 30 s and 75 s on a busy 2-core machine).
 """
+
 import json
 import os
 import shutil
@@ -19,11 +20,12 @@ import types
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
+import pytest
 
 from configs import quickstart
 from xception_jax import checkpointing
@@ -49,8 +51,10 @@ def make_config(model_name, image_size, **model_kwargs):
 
 def random_variables(model, image_size, seed=0):
   """{'params', 'batch_stats'} as numpy: fan-in scaled kernels, batch stats away from 0 and 1."""
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+    jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+  )
   rng = np.random.default_rng(seed)
 
   def leaf(path, spec):
@@ -66,7 +70,8 @@ def random_variables(model, image_size, seed=0):
     raise AssertionError(f"unexpected variable {path}")
 
   values = jax.tree_util.tree_map_with_path(
-      lambda path, spec: np.asarray(leaf(path, spec), np.float32), shapes)
+    lambda path, spec: np.asarray(leaf(path, spec), np.float32), shapes
+  )
   return {"params": values["params"], "batch_stats": values["batch_stats"]}
 
 
@@ -75,18 +80,24 @@ def model_eval(model, variables, images):
 
 
 def random_batch(n, image_size, seed=1):
-  return np.random.default_rng(seed).uniform(-1, 1, (n, image_size, image_size, 3)).astype(
-      np.float32)
+  return (
+    np.random.default_rng(seed).uniform(-1, 1, (n, image_size, image_size, 3)).astype(np.float32)
+  )
 
 
 def write_tiny_export(out, loss="softmax", class_names=CLASS_NAMES, saved_model=False):
   config = make_config("xception_tiny", 72)
   model = models.create_model(config, len(CLASS_NAMES))
   variables = random_variables(model, 72)
-  run = {"num_classes": len(CLASS_NAMES), "loss": loss, "multi_label": loss == "sigmoid",
-         "class_names": list(class_names) if class_names else None}
-  export.write_export(out, config, run, variables, source={"step": 3, "weights": "ema"},
-                      saved_model=saved_model)
+  run = {
+    "num_classes": len(CLASS_NAMES),
+    "loss": loss,
+    "multi_label": loss == "sigmoid",
+    "class_names": list(class_names) if class_names else None,
+  }
+  export.write_export(
+    out, config, run, variables, source={"step": 3, "weights": "ema"}, saved_model=saved_model
+  )
   return model, variables
 
 
@@ -102,25 +113,39 @@ def tiny_export(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 
 PARITY_CASES = [
-    pytest.param("xception", 299, {}, "softmax", id="xception-full-299"),
-    pytest.param("inception_v3_tiny", 75, {}, "sigmoid", id="inception_v3_tiny-sigmoid"),
-    pytest.param("xception_tiny", 72, {"segments": "4"}, "softmax", id="xception_tiny-4-segments"),
-    pytest.param("inception_v3", 299, {}, "softmax", id="inception_v3-full-299",
-                 marks=pytest.mark.slow),
-    pytest.param("xception", 299, {"segments": "4"}, "softmax", id="xception-full-299-4-segments",
-                 marks=pytest.mark.slow),
+  pytest.param("xception", 299, {}, "softmax", id="xception-full-299"),
+  pytest.param("inception_v3_tiny", 75, {}, "sigmoid", id="inception_v3_tiny-sigmoid"),
+  pytest.param("xception_tiny", 72, {"segments": "4"}, "softmax", id="xception_tiny-4-segments"),
+  pytest.param(
+    "inception_v3", 299, {}, "softmax", id="inception_v3-full-299", marks=pytest.mark.slow
+  ),
+  pytest.param(
+    "xception",
+    299,
+    {"segments": "4"},
+    "softmax",
+    id="xception-full-299-4-segments",
+    marks=pytest.mark.slow,
+  ),
 ]
 
 
 @pytest.mark.parametrize("model_name, image_size, model_kwargs, loss", PARITY_CASES)
-def test_exported_function_matches_model_eval_at_batch_1_and_5(tmp_path, model_name, image_size,
-                                                               model_kwargs, loss):
+def test_exported_function_matches_model_eval_at_batch_1_and_5(
+  tmp_path, model_name, image_size, model_kwargs, loss
+):
   config = make_config(model_name, image_size, **model_kwargs)
   model = models.create_model(config, 7)
   variables = random_variables(model, image_size)
   out = str(tmp_path / "export")
-  export.write_export(out, config, {"num_classes": 7, "loss": loss}, variables,
-                      source={"step": 0, "weights": "ema"}, saved_model=False)
+  export.write_export(
+    out,
+    config,
+    {"num_classes": 7, "loss": loss},
+    variables,
+    source={"step": 0, "weights": "ema"},
+    saved_model=False,
+  )
 
   # The serialized function, straight from disk, with only jax: batch 5 and batch 1.
   with open(os.path.join(out, serving.FUNCTION_FILE), "rb") as f:
@@ -133,8 +158,9 @@ def test_exported_function_matches_model_eval_at_batch_1_and_5(tmp_path, model_n
     n = batch.shape[0]
     outputs = exported.call(flat, batch)
     np.testing.assert_allclose(outputs["logits"], expected[:n], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(outputs["probabilities"], activation(expected[:n]), rtol=0,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      outputs["probabilities"], activation(expected[:n]), rtol=0, atol=1e-5
+    )
 
 
 def test_batch_norm_is_not_folded_and_names_match_the_model(tiny_export):
@@ -167,8 +193,13 @@ def workdir_8_devices(tmp_path_factory):
   model = models.create_model(config, len(CLASS_NAMES))
   raw = random_variables(model, 72, seed=0)
   ema = random_variables(model, 72, seed=1)
-  state = {"step": np.int32(STEP), "params": raw["params"], "batch_stats": raw["batch_stats"],
-           "ema_params": ema["params"], "ema_batch_stats": ema["batch_stats"]}
+  state = {
+    "step": np.int32(STEP),
+    "params": raw["params"],
+    "batch_stats": raw["batch_stats"],
+    "ema_params": ema["params"],
+    "ema_batch_stats": ema["batch_stats"],
+  }
   state = jax.device_put(state, NamedSharding(jax.make_mesh((8,), ("data",)), P()))
   assert len(state["params"]["predictions"]["kernel"].sharding.device_set) == 8
   manager = checkpointing.create_manager(workdir, keep=1, best_metric="")
@@ -177,13 +208,24 @@ def workdir_8_devices(tmp_path_factory):
   manager.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  info = data.DatasetInfo(name="embedded_shapes", num_classes=len(CLASS_NAMES),
-                          num_train_examples=100, num_eval_examples=10, multi_label=False,
-                          class_names=CLASS_NAMES)
-  train._write_run_info(workdir, config, info, model,  # pylint: disable=protected-access
-                        types.SimpleNamespace(params=raw["params"],
-                                              batch_stats=raw["batch_stats"]),
-                        per_epoch=1.0, num_steps=STEP, loss_kind="softmax")
+  info = data.DatasetInfo(
+    name="embedded_shapes",
+    num_classes=len(CLASS_NAMES),
+    num_train_examples=100,
+    num_eval_examples=10,
+    multi_label=False,
+    class_names=CLASS_NAMES,
+  )
+  train._write_run_info(
+    workdir,
+    config,
+    info,
+    model,  # pylint: disable=protected-access
+    types.SimpleNamespace(params=raw["params"], batch_stats=raw["batch_stats"]),
+    per_epoch=1.0,
+    num_steps=STEP,
+    loss_kind="softmax",
+  )
   return workdir, model, raw, ema
 
 
@@ -219,8 +261,9 @@ sys.exit(code)
 """
 
 
-def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir_8_devices,
-                                                                         workdir_export, tmp_path):
+def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(
+  workdir_8_devices, workdir_export, tmp_path
+):
   """`python -m xception_jax.predict` on one CPU device, with the model code made unimportable."""
   _, model, _, ema = workdir_8_devices
   paths = [str(tmp_path / f"{i}.png") for i in range(3)]
@@ -228,9 +271,23 @@ def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(workdir
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   result = subprocess.run(
-      [sys.executable, "-c", _FRESH_PROCESS, f"--model={workdir_export}", "--json",
-       f"--top_k={len(CLASS_NAMES)}", *paths, str(tmp_path / "missing.png")],
-      env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      "-c",
+      _FRESH_PROCESS,
+      f"--model={workdir_export}",
+      "--json",
+      f"--top_k={len(CLASS_NAMES)}",
+      *paths,
+      str(tmp_path / "missing.png"),
+    ],
+    env=env,
+    cwd=str(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 1, result.stderr[-3000:]  # 1: one file failed, the others ran
   report = json.loads(result.stderr.split("REPORT ")[-1])
   assert report == {"devices": 1, "loaded": []}
@@ -257,8 +314,12 @@ def test_metadata_describes_the_run(workdir_8_devices, workdir_export):
   assert metadata["input"]["shape"] == ["batch", 72, 72, 3]
   assert metadata["preprocessing"]["image_size"] == 72
   assert metadata["preprocessing"]["crop_fraction"] == 0.875
-  assert metadata["output"] == {"keys": ["logits", "probabilities"], "activation": "softmax",
-                                "multi_label": False, "shape": ["batch", len(CLASS_NAMES)]}
+  assert metadata["output"] == {
+    "keys": ["logits", "probabilities"],
+    "activation": "softmax",
+    "multi_label": False,
+    "shape": ["batch", len(CLASS_NAMES)],
+  }
   assert metadata["source"]["workdir"] == os.path.abspath(workdir)
   assert metadata["source"]["step"] == STEP
   assert metadata["source"]["weights"] == "ema"
@@ -274,16 +335,25 @@ def test_metadata_describes_the_run(workdir_8_devices, workdir_export):
 def test_raw_weights_flag_and_step(workdir_8_devices, tmp_path):
   workdir, _, raw, _ = workdir_8_devices
   out = str(tmp_path / "raw")
-  assert export.main([f"--workdir={workdir}", f"--out={out}", f"--step={STEP}",
-                      "--raw_weights", "--saved_model=no"]) == 0
+  assert (
+    export.main(
+      [
+        f"--workdir={workdir}",
+        f"--out={out}",
+        f"--step={STEP}",
+        "--raw_weights",
+        "--saved_model=no",
+      ]
+    )
+    == 0
+  )
   flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
   for name, value in export.flatten_variables(raw).items():
     np.testing.assert_array_equal(flat[name], value)
   assert serving.read_metadata(out)["source"]["weights"] == "raw"
 
 
-def test_command_line_errors_name_the_problem(workdir_8_devices, workdir_export, tmp_path,
-                                              capsys):
+def test_command_line_errors_name_the_problem(workdir_8_devices, workdir_export, tmp_path, capsys):
   workdir = workdir_8_devices[0]
   assert export.main([f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'a'}"]) == 1
   assert "config.json" in capsys.readouterr().err
@@ -305,8 +375,14 @@ def test_checkpoint_that_does_not_match_the_config_is_refused(workdir_8_devices,
   config = make_config("xception_small", 72)  # the checkpoint is xception_tiny's
   variables = checkpointing.load_variables(workdir, use_ema=True)
   with pytest.raises(ValueError, match="do not match the model the config describes"):
-    export.write_export(str(tmp_path / "x"), config, {"num_classes": len(CLASS_NAMES)},
-                        variables, source={"step": STEP}, saved_model=False)
+    export.write_export(
+      str(tmp_path / "x"),
+      config,
+      {"num_classes": len(CLASS_NAMES)},
+      variables,
+      source={"step": STEP},
+      saved_model=False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,27 +399,37 @@ def _png(path, shape, seed):
 def test_predict_applies_the_eval_preprocessing_to_arrays_and_files(tiny_export, tmp_path):
   out, model, variables = tiny_export
   predictor = serving.load(out, max_batch_size=4)
-  arrays = [np.random.default_rng(i).integers(0, 256, (60 + 17 * i, 90 - 5 * i, 3),
-                                              dtype=np.uint8) for i in range(6)]
+  arrays = [
+    np.random.default_rng(i).integers(0, 256, (60 + 17 * i, 90 - 5 * i, 3), dtype=np.uint8)
+    for i in range(6)
+  ]
   path = str(tmp_path / "image.png")
   arrays.append(_png(path, (81, 64, 3), seed=9))
   grey = arrays[0][..., 0]
   inputs = arrays[:6] + [path, grey]
   probabilities = predictor.predict(inputs)
   assert probabilities.shape == (8, len(CLASS_NAMES)) and probabilities.dtype == np.float32
-  preprocessed = np.stack([preprocess_numpy.eval_image(a, 72, 0.875)
-                           for a in arrays + [np.repeat(grey[..., None], 3, -1)]])
+  preprocessed = np.stack(
+    [
+      preprocess_numpy.eval_image(a, 72, 0.875)
+      for a in arrays + [np.repeat(grey[..., None], 3, -1)]
+    ]
+  )
   expected = jax.nn.softmax(model_eval(model, variables, preprocessed))
   np.testing.assert_allclose(probabilities, expected, rtol=0, atol=1e-5)
   np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
   # A uint8 batch array is a list of images.
-  np.testing.assert_allclose(predictor.predict(np.stack([a[:60, :60] for a in arrays[:2]])),
-                             predictor.predict([arrays[0][:60, :60], arrays[1][:60, :60]]),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    predictor.predict(np.stack([a[:60, :60] for a in arrays[:2]])),
+    predictor.predict([arrays[0][:60, :60], arrays[1][:60, :60]]),
+    rtol=0,
+    atol=1e-6,
+  )
   top = predictor.top_k(probabilities[:1], k=3)[0]
   best = np.argsort(-probabilities[0])[:3]
-  assert top == [{"label": CLASS_NAMES[i], "score": float(probabilities[0, i]), "index": int(i)}
-                 for i in best]
+  assert top == [
+    {"label": CLASS_NAMES[i], "score": float(probabilities[0, i]), "index": int(i)} for i in best
+  ]
 
 
 def test_bad_arrays_give_clear_errors(tiny_export):
@@ -380,8 +466,12 @@ def test_unreadable_files_are_named(tiny_export, tmp_path):
   text.write_text("not an image")
   empty = tmp_path / "empty.png"
   empty.write_bytes(b"")
-  cases = {str(tmp_path / "missing.jpg"): "not found", str(truncated): "truncated or corrupt",
-           str(text): "not an image", str(empty): "empty"}
+  cases = {
+    str(tmp_path / "missing.jpg"): "not found",
+    str(truncated): "truncated or corrupt",
+    str(text): "not an image",
+    str(empty): "empty",
+  }
   for path, reason in cases.items():
     with pytest.raises(serving.ImageError, match=reason) as info:
       predictor.predict([good, path])
@@ -457,10 +547,10 @@ def test_saved_model_matches_model_and_serves_encoded_images(tmp_path):
   expected = model_eval(model, variables, images)
   for batch in (images, images[:1]):
     outputs = loaded.signatures["predict_images"](images=tf.constant(batch))
-    np.testing.assert_allclose(outputs["logits"].numpy(), expected[:len(batch)], rtol=0,
-                               atol=1e-4)
-    np.testing.assert_allclose(outputs["probabilities"].numpy(),
-                               jax.nn.softmax(expected[:len(batch)]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(outputs["logits"].numpy(), expected[: len(batch)], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+      outputs["probabilities"].numpy(), jax.nn.softmax(expected[: len(batch)]), rtol=0, atol=1e-4
+    )
   # serving_default takes encoded bytes and preprocesses as evaluation does.
   paths = []
   for i, shape in enumerate([(90, 120, 3), (72, 72, 3), (200, 150, 3)]):
@@ -478,6 +568,7 @@ def test_export_of_a_real_training_run_reproduces_its_ema_eval(tmp_path):
   About 3-4 minutes on a busy 2-core machine, almost all of it the training run's compilation.
   """
   import test_train  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path under pytest)
+
   config = test_train.tiny_config(total_steps=2)
   config.model.segments = "4"
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")

@@ -6,6 +6,7 @@ processes stopping at the same step) is in tests/test_launch.py. Slow tests here
 best kept across a real resume, a run/resume/export on gs://, and disk full on a real tmpfs (root
 only): `python -m pytest -q -m slow tests/test_faults.py`.
 """
+
 import errno
 import json
 import os
@@ -56,8 +57,12 @@ def tiny_config(get_config=quickstart.get_config, arg="runlocal", **overrides):
 def compilation_cache(tmp_path_factory):
   """The runs here compile the same tiny train step again and again: cache it on disk."""
   from jax._src import compilation_cache as cache  # pylint: disable=g-import-not-at-top
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   previous = {name: getattr(jax.config, name) for name in names}
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -98,8 +103,7 @@ def test_allowed_changes_resume_and_keep_each_config(tmp_path):
   first = tiny_config()
   workdir_lib.record_config(tmp_path, first, resumed=False)
   recorded = (tmp_path / "config.json").read_bytes()
-  longer = tiny_config(total_steps=50, log_every_steps=7, checkpoint_keep=1,
-                       data_dir="/elsewhere")
+  longer = tiny_config(total_steps=50, log_every_steps=7, checkpoint_keep=1, data_dir="/elsewhere")
   longer.mesh.data = 4
   assert workdir_lib.check_identity(tmp_path, longer)  # a resume, not refused
   workdir_lib.record_config(tmp_path, longer, resumed=True)
@@ -109,14 +113,14 @@ def test_allowed_changes_resume_and_keep_each_config(tmp_path):
   assert json.loads((tmp_path / resumes[0]).read_text())["total_steps"] == 50
 
   assert workdir_lib.config_differences(
-      workdir_lib.config_as_dict(first),
-      workdir_lib.config_as_dict(tiny_config(batch_size=16, seed=3))) == [
-          ("batch_size", 8, 16), ("seed", 0, 3)]
+    workdir_lib.config_as_dict(first),
+    workdir_lib.config_as_dict(tiny_config(batch_size=16, seed=3)),
+  ) == [("batch_size", 8, 16), ("seed", 0, 3)]
   with_segments = tiny_config()
   with_segments.model.segments = "4"  # set only now: a model argument that differs
   assert workdir_lib.config_differences(
-      workdir_lib.config_as_dict(first), workdir_lib.config_as_dict(with_segments)) == [
-          ("model.segments", "<unset>", "4")]
+    workdir_lib.config_as_dict(first), workdir_lib.config_as_dict(with_segments)
+  ) == [("model.segments", "<unset>", "4")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,8 +129,13 @@ def test_allowed_changes_resume_and_keep_each_config(tmp_path):
 
 
 def _write_lock(folder, **fields):
-  owner = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": "2026-01-01T00:00:00",
-           "heartbeat": time.time(), "token": "someone-else"}
+  owner = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "start_time": "2026-01-01T00:00:00",
+    "heartbeat": time.time(),
+    "token": "someone-else",
+  }
   owner.update(fields)
   (folder / workdir_lib.LOCK_FILE).write_text(json.dumps(owner))
   return owner
@@ -191,42 +200,69 @@ def test_best_checkpoint_survives_a_new_manager_and_exports(tmp_path):
   """Fast (no training): saves with eval metrics through two managers, as a run and its resume
   do, with checkpoint_keep=1; export --checkpoint=best then picks the early best step."""
   import types  # pylint: disable=g-import-not-at-top
+
   from xception_jax import data  # pylint: disable=g-import-not-at-top
+
   config = tiny_config()
   model = models.create_model(config, 10)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                          jax.ShapeDtypeStruct((1, 72, 72, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+    jax.ShapeDtypeStruct((1, 72, 72, 3), jnp.float32),
+  )
   variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
-  state = {"step": np.int32(0), "params": variables["params"],
-           "batch_stats": variables["batch_stats"], "ema_params": variables["params"],
-           "ema_batch_stats": variables["batch_stats"]}
+  state = {
+    "step": np.int32(0),
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+    "ema_params": variables["params"],
+    "ema_batch_stats": variables["batch_stats"],
+  }
   scores = {2: 0.9, 4: 0.5, 6: 0.4}
   for steps in ((2, 4), (6,)):  # the first run, then its resume
     manager = checkpointing.create_manager(tmp_path, keep=1, best_metric="eval/ema_top1")
     for step in steps:
-      checkpointing.save(manager, step, {**state, "step": np.int32(step)},
-                         {"eval/ema_top1": scores[step], "eval/ema_loss": 1 - scores[step]})
+      checkpointing.save(
+        manager,
+        step,
+        {**state, "step": np.int32(step)},
+        {"eval/ema_top1": scores[step], "eval/ema_loss": 1 - scores[step]},
+      )
     manager.wait_until_finished()
     manager.close()
   assert workdir_lib.checkpoint_steps(tmp_path) == [2, 6]  # step 4 went, the best stayed
   workdir_lib.record_config(tmp_path, config, resumed=False)
-  info = data.DatasetInfo(name="synthetic", num_classes=10, num_train_examples=100,
-                          num_eval_examples=10, multi_label=False, class_names=None)
-  train._write_run_info(tmp_path, config, info, model,  # pylint: disable=protected-access
-                        types.SimpleNamespace(params=state["params"],
-                                              batch_stats=state["batch_stats"]),
-                        per_epoch=1.0, num_steps=6, loss_kind="softmax")
+  info = data.DatasetInfo(
+    name="synthetic",
+    num_classes=10,
+    num_train_examples=100,
+    num_eval_examples=10,
+    multi_label=False,
+    class_names=None,
+  )
+  train._write_run_info(
+    tmp_path,
+    config,
+    info,
+    model,  # pylint: disable=protected-access
+    types.SimpleNamespace(params=state["params"], batch_stats=state["batch_stats"]),
+    per_epoch=1.0,
+    num_steps=6,
+    loss_kind="softmax",
+  )
   out = tmp_path / "export"
-  assert export.main([f"--workdir={tmp_path}", f"--out={out}", "--checkpoint=best",
-                      "--saved_model=no"]) == 0
+  assert (
+    export.main([f"--workdir={tmp_path}", f"--out={out}", "--checkpoint=best", "--saved_model=no"])
+    == 0
+  )
   metadata = json.loads((out / "export.json").read_text())
   assert metadata["source"]["step"] == 2 and metadata["source"]["checkpoint"] == "best"
   umask = os.umask(0o022)
   os.umask(umask)
   assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # readable by others, not 0700
   assert checkpointing.read_state(tmp_path, "best", best_metric="eval/ema_loss")[1] == 2  # min
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"No checkpoint step 4 in .*available steps: \[2, 6\]"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match=r"No checkpoint step 4 in .*available steps: \[2, 6\]"
+  ):
     checkpointing.read_state(tmp_path, 4)
 
 
@@ -236,35 +272,42 @@ def test_best_checkpoint_survives_a_resume_and_exports(tmp_path, monkeypatch):
 
   def scripted_evaluate(eval_step, state, config, info, sharding):
     step = int(jax.device_get(state.step))
-    return {name: (1.0 - scores[step] if name.endswith("loss") else scores[step])
-            for name in evaluation.eval_metric_names(info.multi_label)}
+    return {
+      name: (1.0 - scores[step] if name.endswith("loss") else scores[step])
+      for name in evaluation.eval_metric_names(info.multi_label)
+    }
 
   monkeypatch.setattr(train, "evaluate", scripted_evaluate)
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(total_steps=4, eval_every_steps=2, checkpoint_keep=1),
-                           str(workdir))
+  train.train_and_evaluate(
+    tiny_config(total_steps=4, eval_every_steps=2, checkpoint_keep=1), str(workdir)
+  )
   assert workdir_lib.checkpoint_steps(workdir) == [2, 4]
   metrics = json.loads((workdir / "checkpoints" / "2" / "metrics" / "metrics").read_text())
   assert metrics["eval/ema_top1"] == 0.9  # orbax now writes the metrics with each checkpoint
 
   result = train.train_and_evaluate(
-      tiny_config(total_steps=6, eval_every_steps=2, checkpoint_keep=1), str(workdir))
+    tiny_config(total_steps=6, eval_every_steps=2, checkpoint_keep=1), str(workdir)
+  )
   assert result["step"] == 6
   assert workdir_lib.checkpoint_steps(workdir) == [2, 6]  # step 4 went, the best stayed
   assert any(n.startswith("config.resume-") for n in _listing(workdir))
   assert json.loads((workdir / "run.json").read_text())["best_metric"] == "eval/ema_top1"
 
   out = tmp_path / "export"
-  assert export.main([f"--workdir={workdir}", f"--out={out}", "--checkpoint=best",
-                      "--saved_model=no"]) == 0
+  assert (
+    export.main([f"--workdir={workdir}", f"--out={out}", "--checkpoint=best", "--saved_model=no"])
+    == 0
+  )
   metadata = json.loads((out / "export.json").read_text())
   assert metadata["source"]["step"] == 2 and metadata["source"]["checkpoint"] == "best"
   umask = os.umask(0o022)
   os.umask(umask)
   assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"No checkpoint step 4 in .*available steps: \[2, 6\]"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match=r"No checkpoint step 4 in .*available steps: \[2, 6\]"
+  ):
     checkpointing.read_state(workdir, 4)
   assert checkpointing.read_state(workdir, "latest")[1] == 6
 
@@ -283,8 +326,9 @@ def test_reads_during_checkpoint_churn_return_complete_checkpoints(tmp_path):
   def train_like():
     try:
       for step in range(1, 61):
-        checkpointing.save(manager, step, {"w": jnp.full((128, 128), float(step)),
-                                           "step": jnp.asarray(step)})
+        checkpointing.save(
+          manager, step, {"w": jnp.full((128, 128), float(step)), "step": jnp.asarray(step)}
+        )
         saved.set()
         time.sleep(0.01)
       manager.wait_until_finished()
@@ -325,15 +369,24 @@ def test_missing_checkpoints_are_one_line_errors(tmp_path):
 def test_a_preempted_run_exits_with_the_resumable_status(tmp_path):
   """main exits 75 when the run stopped for preemption, 0 when it finished (train stubbed)."""
   from xception_jax import preemption  # pylint: disable=g-import-not-at-top
+
   assert preemption.PREEMPTED_EXIT_STATUS == 75
   for preempted, status in ((True, 75), (False, 0)):
-    stub = (f"import sys; from xception_jax import train; "
-            f"train.train_and_evaluate = lambda c, w: {{'step': 3, 'preempted': {preempted}}}; "
-            f"from xception_jax import main; from absl import app; "
-            f"sys.argv = ['main', '--config=configs/quickstart.py', '--workdir={tmp_path}']; "
-            f"app.run(main.main, flags_parser=main.parse_flags)")
-    result = subprocess.run([sys.executable, "-c", stub], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    stub = (
+      f"import sys; from xception_jax import train; "
+      f"train.train_and_evaluate = lambda c, w: {{'step': 3, 'preempted': {preempted}}}; "
+      f"from xception_jax import main; from absl import app; "
+      f"sys.argv = ['main', '--config=configs/quickstart.py', '--workdir={tmp_path}']; "
+      f"app.run(main.main, flags_parser=main.parse_flags)"
+    )
+    result = subprocess.run(
+      [sys.executable, "-c", stub],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert result.returncode == status, result.stderr[-2000:]
 
 
@@ -353,21 +406,32 @@ def gcs_emulator():
     port = s.getsockname()[1]
   url = f"http://127.0.0.1:{port}"
   env = {
-      "STORAGE_EMULATOR_HOST": url,  # gcsfs
-      "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's array writes
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credential lookup
-      "FSSPEC_GS_TOKEN": "anon", "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
-      "EPATH_USE_TF": "false",  # epath -> fsspec/gcsfs (TF's gfile does not know the emulator)
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no gRPC bucket-type probe
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs
+    "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's array writes
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credential lookup
+    "FSSPEC_GS_TOKEN": "anon",
+    "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
+    "EPATH_USE_TF": "false",  # epath -> fsspec/gcsfs (TF's gfile does not know the emulator)
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no gRPC bucket-type probe
   }
   previous = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+
   gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access  (reads EPATH_USE_TF once)
   server = subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), "start", "--host=127.0.0.1",
-       f"--port={port}", "--in-memory", "--default-bucket=xj-test"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      os.path.join(REPO, "tests", "gcs_emulator.py"),
+      "start",
+      "--host=127.0.0.1",
+      f"--port={port}",
+      "--in-memory",
+      "--default-bucket=xj-test",
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.time() + 30
     while True:
@@ -393,6 +457,7 @@ def gcs_emulator():
 def test_gs_workdir_layers(gcs_emulator):
   """Every workdir file on gs:// (fast: no training): records, lock, checkpoints, metrics."""
   from xception_jax import metric_writer  # pylint: disable=g-import-not-at-top
+
   workdir = f"{gcs_emulator}/layers"
   remote = paths.makedirs(workdir)
   config = tiny_config()
@@ -416,11 +481,15 @@ def test_gs_workdir_layers(gcs_emulator):
   assert [json.loads(line)["step"] for line in lines] == [1, 2]
   assert len(list((remote / "tensorboard").iterdir())) == 2
 
-  for first, steps in ((1, (1, 2)), (3, (3,))):  # a second manager = a resumed run
+  for _first, steps in ((1, (1, 2)), (3, (3,))):  # a second manager = a resumed run
     manager = checkpointing.create_manager(workdir, keep=1, best_metric="eval/ema_top1")
     for step in steps:
-      checkpointing.save(manager, step, {"w": jnp.full((4,), float(step))},
-                         {"eval/ema_top1": {1: 0.9, 2: 0.5, 3: 0.4}[step]})
+      checkpointing.save(
+        manager,
+        step,
+        {"w": jnp.full((4,), float(step))},
+        {"eval/ema_top1": {1: 0.9, 2: 0.5, 3: 0.4}[step]},
+      )
     manager.wait_until_finished()
     manager.close()
   assert workdir_lib.checkpoint_steps(workdir) == [1, 3]  # the best survived the resume
@@ -432,15 +501,19 @@ def test_gs_workdir_layers(gcs_emulator):
 @pytest.mark.slow
 def test_gs_workdir_run_resume_and_export(gcs_emulator, tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("launch_sweep", os.path.join(REPO, "launch",
-                                                                             "sweep.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "launch_sweep", os.path.join(REPO, "launch", "sweep.py")
+  )
   sweep = importlib.util.module_from_spec(spec)
   sys.modules.setdefault(spec.name, sweep)
   spec.loader.exec_module(sweep)
   from xception_jax.tools import runs  # pylint: disable=g-import-not-at-top
+
   workdir = f"{gcs_emulator}/runs/a"
-  first = train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=1,
-                                               checkpoint_keep=1), workdir)
+  first = train.train_and_evaluate(
+    tiny_config(total_steps=2, checkpoint_every_steps=1, checkpoint_keep=1), workdir
+  )
   assert first["step"] == 2
   assert not os.path.exists("gs:")  # nothing went to a local ./gs:/ folder
   remote = paths.resolve(workdir)
@@ -479,16 +552,18 @@ def test_write_errors_become_one_line_naming_path_cause_and_intact_checkpoint(tm
   full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
   error = train._as_write_error(full, workdir)
   assert str(error) == (
-      f"Writing to {tmp_path} failed: No space left on device ({tmp_path}/metrics.jsonl). The "
-      f"last complete checkpoint, step 2 in {tmp_path}/checkpoints, is intact; free space (or "
-      "fix the storage) and rerun the same command to resume.")
+    f"Writing to {tmp_path} failed: No space left on device ({tmp_path}/metrics.jsonl). The "
+    f"last complete checkpoint, step 2 in {tmp_path}/checkpoints, is intact; free space (or "
+    "fix the storage) and rerun the same command to resume."
+  )
 
   # What orbax raises from its save thread: tensorstore's status text in a ValueError chain.
   try:
     try:
       raise ValueError(
-          'UNKNOWN: Error writing local file "/w/checkpoints/4.orbax-checkpoint-tmp/state/d/x": '
-          "[OS error 28: No space left on device] [source locations='tensorstore/...']")
+        'UNKNOWN: Error writing local file "/w/checkpoints/4.orbax-checkpoint-tmp/state/d/x": '
+        "[OS error 28: No space left on device] [source locations='tensorstore/...']"
+      )
     except ValueError as inner:
       raise RuntimeError("async save failed") from inner
   except RuntimeError as wrapped:
@@ -502,8 +577,11 @@ def _mount_tmpfs(folder, size):
   if os.geteuid() != 0:
     pytest.skip("mounting a tmpfs needs root")
   folder.mkdir()
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+    capture_output=True,
+    text=True,
+  )
   if result.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
 
@@ -515,13 +593,26 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
   _mount_tmpfs(disk, "6m")  # an xception_tiny checkpoint is ~2.3 MB: the third save fails
   try:
     workdir = disk / "run"
-    args = ["--config=configs/quickstart.py:runlocal", "--config.dataset=synthetic",
-            "--config.num_classes=10", "--config.image_size=72", "--config.batch_size=8",
-            "--config.eval_batch_size=1000", "--config.total_steps=8",
-            "--config.checkpoint_every_steps=2", "--config.checkpoint_keep=10",
-            "--config.eval_every_steps=1000", f"--workdir={workdir}"]
-    result = subprocess.run([sys.executable, "-m", "xception_jax.main", *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    args = [
+      "--config=configs/quickstart.py:runlocal",
+      "--config.dataset=synthetic",
+      "--config.num_classes=10",
+      "--config.image_size=72",
+      "--config.batch_size=8",
+      "--config.eval_batch_size=1000",
+      "--config.total_steps=8",
+      "--config.checkpoint_every_steps=2",
+      "--config.checkpoint_keep=10",
+      "--config.eval_every_steps=1000",
+      f"--workdir={workdir}",
+    ]
+    result = subprocess.run(
+      [sys.executable, "-m", "xception_jax.main", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: Writing to {workdir} failed: "), result.stderr[-3000:]
@@ -542,25 +633,40 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
 
 def test_unknown_config_key_is_one_line_with_the_close_match(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "xception_jax.main", "--config=configs/quickstart.py",
-       f"--workdir={tmp_path}", "--config.lr.bsae=0.1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": REPO})
+    [
+      sys.executable,
+      "-m",
+      "xception_jax.main",
+      "--config=configs/quickstart.py",
+      f"--workdir={tmp_path}",
+      "--config.lr.bsae=0.1",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "PYTHONPATH": REPO},
+  )
   assert result.returncode == 1
-  assert result.stderr.strip() == ("error: --config.lr.bsae: the config has no field 'bsae' "
-                                   "(did you mean --config.lr.base?).")
+  assert result.stderr.strip() == (
+    "error: --config.lr.bsae: the config has no field 'bsae' (did you mean --config.lr.base?)."
+  )
 
 
-@pytest.mark.parametrize("flag, message", [
+@pytest.mark.parametrize(
+  "flag, message",
+  [
     ("--batch=0", "--batch=0 must be >= 1"),
     ("--steps=0", "--steps=0 must be >= 1"),
     ("--image_size=10", "--image_size=10: xception_tiny needs >= 71"),
     ("--model=nope", "--model='nope'; valid: inception_v3"),
     ("--segments=3", "--segments=3: Invalid segment setting: segments=3 does not divide"),
     ("--peak_tflops=-1", "--peak_tflops=-1.0 must be > 0"),
-])
+  ],
+)
 def test_benchmark_flags_are_checked_naming_the_flag(flag, message, capsys):
   from xception_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+
   argv = ["--model=xception_tiny", flag] if not flag.startswith("--model") else [flag]
   with pytest.raises(SystemExit) as exit_info:
     benchmark.parse_args(argv)
@@ -571,13 +677,16 @@ def test_benchmark_flags_are_checked_naming_the_flag(flag, message, capsys):
 
 def test_model_info_bad_flags_are_one_line(tmp_path, capsys):
   from xception_jax.tools import model_info  # pylint: disable=g-import-not-at-top
+
   assert model_info.main(["--fc_layers=a,b"]) == 2
   assert capsys.readouterr().err.strip() == (
-      "error: --fc_layers='a,b': comma-separated positive widths, e.g. 4096,4096")
+    "error: --fc_layers='a,b': comma-separated positive widths, e.g. 4096,4096"
+  )
   csv = tmp_path / "missing" / "sweep.csv"
   assert model_info.main(["--sweep_segments", f"--csv={csv}"]) == 2
   assert capsys.readouterr().err.strip() == (
-      f"error: --csv={csv}: the folder {tmp_path}/missing does not exist")
+    f"error: --csv={csv}: the folder {tmp_path}/missing does not exist"
+  )
 
 
 def test_nan_message_when_no_checkpoint_exists_yet():

@@ -9,17 +9,17 @@ hundred images like a user's small folder. `configs/finetune.py:runlocal` runs o
 the same number of steps: from the Keras file (its recipe: frozen batch norm, a fresh head), and
 from scratch (the same recipe with batch norm training, as a network without statistics needs).
 """
+
 from __future__ import annotations
 
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
-from PIL import Image
-
 import keras_reference
+from PIL import Image
+import pytest
+
 from configs import finetune
 from configs import quickstart
 from xception_jax import checkpointing
@@ -54,14 +54,18 @@ def test_frozen_batch_norm_trains_with_the_eval_computation(name):
   batch statistics, nothing to update); without it, it does not. Compared as traced programs,
   which needs no compilation."""
   images = jax.ShapeDtypeStruct((4, 75, 75, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: models.create(name, num_classes=3).init(
-      jax.random.PRNGKey(0), x, train=False), images)
+  variables = jax.eval_shape(
+    lambda x: models.create(name, num_classes=3).init(jax.random.PRNGKey(0), x, train=False), images
+  )
 
   def program(frozen, train):
     model = models.create(name, num_classes=3, frozen_batch_norm=frozen)
     if train:
-      return str(jax.make_jaxpr(lambda v, x: model.apply(
-          v, x, train=True, mutable=["batch_stats"])[0])(variables, images))
+      return str(
+        jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])(
+          variables, images
+        )
+      )
     return str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
   assert program(frozen=True, train=True) == program(frozen=True, train=False)
@@ -71,13 +75,25 @@ def test_frozen_batch_norm_trains_with_the_eval_computation(name):
 def test_finetune_config_recipe():
   config = finetune.get_config()
   assert (config.model_name, config.init_from, config.dataset) == (
-      "xception", "keras:xception_notop", "")
+    "xception",
+    "keras:xception_notop",
+    "",
+  )
   assert config.model.frozen_batch_norm and config.model.dropout_rate == 0.2
-  assert (config.optimizer.name, config.lr.base, config.lr.reference_batch_size,
-          config.lr.schedule, config.weight_decay) == ("sgd", 0.1, 256, "cosine", 0.0)
+  assert (
+    config.optimizer.name,
+    config.lr.base,
+    config.lr.reference_batch_size,
+    config.lr.schedule,
+    config.weight_decay,
+  ) == ("sgd", 0.1, 256, "cosine", 0.0)
   local = finetune.get_config("runlocal,model=inception_v3")
   assert (local.model_name, local.init_from, local.dataset, local.image_size) == (
-      "inception_v3", "keras:inception_v3_notop", "embedded_shapes", 128)
+    "inception_v3",
+    "keras:inception_v3_notop",
+    "embedded_shapes",
+    128,
+  )
   with pytest.raises(ValueError, match="config.model_name='xception_tiny'"):
     config_check.validate(_with(local, model_name="xception_tiny"), 8, 1)
 
@@ -105,26 +121,47 @@ def test_finetune_runlocal_from_a_keras_file_beats_scratch(tmp_path):
   data_dir = str(tmp_path / "tfds")
 
   # Pre-training: the quickstart recipe on the tiny network, five classes.
-  pre = _with(quickstart.get_config("runlocal"), dataset=f"imagefolder:{pre_root}",
-              data_dir=data_dir, image_size=IMAGE_SIZE, total_steps=150, eval_every_steps=150,
-              checkpoint_every_steps=150, log_every_steps=50, **{"lr.schedule": "cosine"})
+  pre = _with(
+    quickstart.get_config("runlocal"),
+    dataset=f"imagefolder:{pre_root}",
+    data_dir=data_dir,
+    image_size=IMAGE_SIZE,
+    total_steps=150,
+    eval_every_steps=150,
+    checkpoint_every_steps=150,
+    log_every_steps=50,
+    **{"lr.schedule": "cosine"},
+  )
   pre_result = train.train_and_evaluate(pre, str(tmp_path / "pre_run"))
   state = checkpointing.load_variables(str(tmp_path / "pre_run"), use_ema=True)
   keras_file = keras_reference.save_as_keras_h5(
-      models.create("xception_tiny", num_classes=5), state, tmp_path / "pre_notop.h5",
-      include_top=False)
+    models.create("xception_tiny", num_classes=5),
+    state,
+    tmp_path / "pre_notop.h5",
+    include_top=False,
+  )
 
   def run(name, **overrides):
-    config = _with(finetune.get_config("runlocal"), model_name="xception_tiny",
-                   dataset=f"imagefolder:{ft_root}", data_dir=data_dir, image_size=IMAGE_SIZE,
-                   total_steps=100, eval_every_steps=100, checkpoint_every_steps=100, **overrides)
+    config = _with(
+      finetune.get_config("runlocal"),
+      model_name="xception_tiny",
+      dataset=f"imagefolder:{ft_root}",
+      data_dir=data_dir,
+      image_size=IMAGE_SIZE,
+      total_steps=100,
+      eval_every_steps=100,
+      checkpoint_every_steps=100,
+      **overrides,
+    )
     return train.train_and_evaluate(config, str(tmp_path / name))
 
   tuned = run("finetune", init_from=str(keras_file))
   scratch = run("scratch", init_from="", **{"model.frozen_batch_norm": False})
-  figures = (f"pre-training eval top-1 {pre_result['eval/ema_top1']:.3f}; fine-tuning 100 steps: "
-             f"from the Keras file {tuned['eval/ema_top1']:.3f} (raw {tuned['eval/top1']:.3f}), "
-             f"from scratch {scratch['eval/ema_top1']:.3f} (raw {scratch['eval/top1']:.3f})")
+  figures = (
+    f"pre-training eval top-1 {pre_result['eval/ema_top1']:.3f}; fine-tuning 100 steps: "
+    f"from the Keras file {tuned['eval/ema_top1']:.3f} (raw {tuned['eval/top1']:.3f}), "
+    f"from scratch {scratch['eval/ema_top1']:.3f} (raw {scratch['eval/top1']:.3f})"
+  )
   print(figures)
   assert pre_result["eval/ema_top1"] > 0.6, figures  # the file carries real information
   assert tuned["eval/ema_top1"] > scratch["eval/ema_top1"] + 0.1, figures

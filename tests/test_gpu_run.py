@@ -5,6 +5,7 @@ only what is cheap: the report's ratios, verdicts and profile choices on made-up
 numbers below are inputs, not measurements), the --segments shorthand, the script's argument
 check, and how tests/conftest.py decides to leave the accelerator to the gpu tests.
 """
+
 import importlib.util
 import json
 import os
@@ -28,32 +29,55 @@ root_conftest = _load("conftest", "tests")  # by path: tests/gpu has a conftest 
 
 
 def _timm(model, mode, impl, images_per_sec, **extra):
-  return {"source": "compare_timm", "model": model, "mode": mode, "impl": impl,
-          "images_per_sec": images_per_sec, "step_time_ms": 128e3 / images_per_sec,
-          "compile_s": 30.0, "peak_memory_bytes_device": 2**34, "mfu": 0.3, **extra}
+  return {
+    "source": "compare_timm",
+    "model": model,
+    "mode": mode,
+    "impl": impl,
+    "images_per_sec": images_per_sec,
+    "step_time_ms": 128e3 / images_per_sec,
+    "compile_s": 30.0,
+    "peak_memory_bytes_device": 2**34,
+    "mfu": 0.3,
+    **extra,
+  }
 
 
 def _point(tag, g, ms, form="auto"):
-  return {"source": "run_points", "tag": tag, "segments": g, "conv_formulation": form,
-          "point": f"--segments={g}" + ("" if form == "auto" else f" --conv-formulation={form}"),
-          "common": "--model=xception --budget=params", "step_time_ms": ms,
-          "images_per_sec": 128e3 / ms, "num_params": 22_900_000,
-          "hlo_ops": {"convolution": 10, "dot_general": 2}}
+  return {
+    "source": "run_points",
+    "tag": tag,
+    "segments": g,
+    "conv_formulation": form,
+    "point": f"--segments={g}" + ("" if form == "auto" else f" --conv-formulation={form}"),
+    "common": "--model=xception --budget=params",
+    "step_time_ms": ms,
+    "images_per_sec": 128e3 / ms,
+    "num_params": 22_900_000,
+    "hlo_ops": {"convolution": 10, "dot_general": 2},
+  }
 
 
 RECORDS = [
-    {"stage": "env", "what": "nvidia-smi", "value": "NVIDIA H100 80GB HBM3, 580.1"},
-    {"stage": "gpu-tests", "plan": "first", "status": "ok", "rc": 0, "seconds": 130, "limit_s": 240},
-    _timm("xception", "train", "ours", 300.0, profile_dir="/tmp/prof_train"),
-    _timm("xception", "train", "timm eager", 200.0),
-    _timm("xception", "train", "timm compile", 260.0),
-    _timm("xception", "infer", "ours", 900.0, profile_dir="/tmp/prof_infer"),
-    _timm("xception", "infer", "timm eager", 800.0),
-    {"source": "compare_timm", "model": "xception", "mode": "infer", "impl": "timm compile",
-     "error": "exit 1: boom"},
-    _point("spectrum-auto", 1, 100.0), _point("spectrum-auto", "depthwise", 120.0),
-    _point("spectrum-auto", 64, 200.0), _point("spectrum-rewritten", 64, 150.0, "grouped=rewritten"),
-    '{"stage": "cut off mid-wri',
+  {"stage": "env", "what": "nvidia-smi", "value": "NVIDIA H100 80GB HBM3, 580.1"},
+  {"stage": "gpu-tests", "plan": "first", "status": "ok", "rc": 0, "seconds": 130, "limit_s": 240},
+  _timm("xception", "train", "ours", 300.0, profile_dir="/tmp/prof_train"),
+  _timm("xception", "train", "timm eager", 200.0),
+  _timm("xception", "train", "timm compile", 260.0),
+  _timm("xception", "infer", "ours", 900.0, profile_dir="/tmp/prof_infer"),
+  _timm("xception", "infer", "timm eager", 800.0),
+  {
+    "source": "compare_timm",
+    "model": "xception",
+    "mode": "infer",
+    "impl": "timm compile",
+    "error": "exit 1: boom",
+  },
+  _point("spectrum-auto", 1, 100.0),
+  _point("spectrum-auto", "depthwise", 120.0),
+  _point("spectrum-auto", 64, 200.0),
+  _point("spectrum-rewritten", 64, 150.0, "grouped=rewritten"),
+  '{"stage": "cut off mid-wri',
 ]
 
 
@@ -79,8 +103,10 @@ def test_report_ratios_verdicts_and_profile_choices(tmp_path):
 
 def test_points_shorthand():
   assert run_points.expand(["--segments=4 --steps=2"], ["1", "64:grouped=rewritten"]) == [
-      "--segments=4 --steps=2", "--segments=1",
-      "--segments=64 --conv_formulation=grouped=rewritten"]
+    "--segments=4 --steps=2",
+    "--segments=1",
+    "--segments=64 --conv_formulation=grouped=rewritten",
+  ]
 
 
 def test_gpu_run_script_needs_a_plan():
@@ -91,8 +117,16 @@ def test_gpu_run_script_needs_a_plan():
     assert proc.returncode == 2 and "PLAN" in proc.stderr, args
 
 
-@pytest.mark.parametrize("markexpr, gpu", [("not slow and not gpu", False), ("gpu", True),
-                                           ("gpu and not slow", True), ("(gpu)", True),
-                                           ("slow", False), ("", False)])
+@pytest.mark.parametrize(
+  "markexpr, gpu",
+  [
+    ("not slow and not gpu", False),
+    ("gpu", True),
+    ("gpu and not slow", True),
+    ("(gpu)", True),
+    ("slow", False),
+    ("", False),
+  ],
+)
 def test_only_a_gpu_marker_expression_leaves_the_platform_to_jax(markexpr, gpu):
   assert root_conftest._selects_gpu_tests(markexpr) == gpu

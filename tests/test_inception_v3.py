@@ -7,6 +7,7 @@ Its variables are drawn with numpy on the shapes `init` gives, not by a compiled
 compiling the ~100 threefry draws of an Inception V3 init costs ~20 s of CPU, longer than the rest
 of this file, and the values themselves are not what is tested.
 """
+
 from __future__ import annotations
 
 import jax
@@ -29,10 +30,12 @@ def _count(tree) -> int:
 def _random_variables(abstract, seed: int = 0):
   """Concrete variables with the structure and shapes of `abstract` (positive variances)."""
   rng = np.random.default_rng(seed)
+
   def draw(path, leaf):
     if path[-1].key == "var":
       return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
     return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
+
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -60,8 +63,10 @@ def test_leaf_names_weight_decay_and_batch_norm_without_scale():
   assert variables["params"]["predictions"]["kernel"].shape == (2048, 1000)
 
 
-@pytest.mark.parametrize("height, width, grid", [(299, 299, (8, 8)), (235, 299, (6, 8)),
-                                                 (75, 75, (1, 1)), (300, 76, (8, 1))])
+@pytest.mark.parametrize(
+  "height, width, grid",
+  [(299, 299, (8, 8)), (235, 299, (6, 8)), (75, 75, (1, 1)), (300, 76, (8, 1))],
+)
 def test_headless_returns_the_mixed10_feature_map(height, width, grid):
   model = models.create("inception_v3", num_classes=None)
   variables = _abstract_variables(model, (1, height, width, 3))
@@ -75,14 +80,17 @@ def test_input_smaller_than_75_fails_before_compile():
     _abstract_variables(model, (1, 74, 299, 3))
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(num_classes=-1), "num_classes"),
     (dict(dropout_rate=1.0), "dropout_rate"),
     (dict(width_multiplier=0), "width_multiplier"),
     (dict(fc_layers=(0,)), "fc_layers"),
     (dict(num_classes=0, fc_layers=(16,)), "fc_layers"),
     (dict(dtype="float64"), "float64"),
-])
+  ],
+)
 def test_invalid_settings_fail_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
     models.create("inception_v3", **kwargs)
@@ -117,8 +125,9 @@ def test_tiny_variant_init_apply_and_train_contract():
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
 
-  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                rngs={"dropout": key}))
+  train = jax.jit(
+    lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+  )
   out_a, updates = train(variables, images, jax.random.PRNGKey(2))
   out_b, _ = train(variables, images, jax.random.PRNGKey(3))
   assert out_a.shape == (2, 10) and out_a.dtype == jnp.float32

@@ -4,6 +4,7 @@ Never touches the network: downloads come from an HTTP server on 127.0.0.1 servi
 files (or from file:// URLs), pointed at through the documented hook (a `KerasFile` with that URL
 and the generated file's md5, or an entry of `keras_weights.FILES` replaced with one).
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,8 @@ def server(tmp_path):
       requests.append(self.path)
 
   httpd = http.server.ThreadingHTTPServer(
-      ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+  )
   thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
   thread.start()
   yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, requests
@@ -62,20 +64,30 @@ def test_table_matches_installed_keras_source():
     pytest.skip("keras 3 is not installed")
   root = os.path.join(list(spec.submodule_search_locations)[0], "src", "applications")
   found = {}
-  for module, prefix in (("xception", "xception"), ("inception_v3", "inception_v3"),
-                         ("imagenet_utils", None)):
+  for module, prefix in (
+    ("xception", "xception"),
+    ("inception_v3", "inception_v3"),
+    ("imagenet_utils", None),
+  ):
     tree = ast.parse(open(os.path.join(root, f"{module}.py")).read())
-    constants = {t.id: node.value.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                 for t in node.targets if isinstance(t, ast.Name)
-                 and isinstance(node.value, ast.Constant)}
+    constants = {
+      t.id: node.value.value
+      for node in ast.walk(tree)
+      if isinstance(node, ast.Assign)
+      for t in node.targets
+      if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)
+    }
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
       hashes = [k.value.value for k in call.keywords if k.arg == "file_hash"]
       if not hashes:
         continue
       origin = call.args[1]
       url = constants[origin.id] if isinstance(origin, ast.Name) else origin.value
-      name = (keras_weights.CLASS_INDEX if prefix is None else
-              prefix + ("_notop" if url.endswith("_notop.h5") else ""))
+      name = (
+        keras_weights.CLASS_INDEX
+        if prefix is None
+        else prefix + ("_notop" if url.endswith("_notop.h5") else "")
+      )
       found[name] = (url, hashes[0])
   assert found == {name: (f.url, f.md5) for name, f in keras_weights.FILES.items()}
   for name, file in keras_weights.FILES.items():
@@ -109,14 +121,19 @@ def test_default_cache_is_keras_home_models(server, tmp_path, monkeypatch):
   base, folder, requests = server
   data, md5 = _generated(folder)
   os.makedirs(tmp_path / "keras_home" / "models")
-  (tmp_path / "keras_home" / "models" / "xception_weights_tf_dim_ordering_tf_kernels.h5"
-   ).write_bytes(data)
-  monkeypatch.setitem(keras_weights.FILES, "xception", KerasFile(
-      "xception_weights_tf_dim_ordering_tf_kernels.h5", _dead_url(), md5))
+  (
+    tmp_path / "keras_home" / "models" / "xception_weights_tf_dim_ordering_tf_kernels.h5"
+  ).write_bytes(data)
+  monkeypatch.setitem(
+    keras_weights.FILES,
+    "xception",
+    KerasFile("xception_weights_tf_dim_ordering_tf_kernels.h5", _dead_url(), md5),
+  )
   weights, path = keras_weights.fetch_weights("keras:xception")
   assert (weights.model_name, weights.include_top) == ("xception", True)
-  assert path == str(tmp_path / "keras_home" / "models" /
-                     "xception_weights_tf_dim_ordering_tf_kernels.h5")
+  assert path == str(
+    tmp_path / "keras_home" / "models" / "xception_weights_tf_dim_ordering_tf_kernels.h5"
+  )
   assert not requests
 
 
@@ -160,7 +177,8 @@ def test_offline_error_names_url_and_path(tmp_path):
 
 def test_names_and_model_check():
   assert keras_weights.parse("keras:inception_v3_notop") == keras_weights.KerasWeights(
-      "inception_v3_notop", "inception_v3", include_top=False)
+    "inception_v3_notop", "inception_v3", include_top=False
+  )
   with pytest.raises(ValueError, match="keras:resnet50.*keras:xception, keras:xception_notop"):
     keras_weights.parse("keras:resnet50")
   with pytest.raises(ValueError, match="model_name='xception'.*config.model_name='xception_small'"):
@@ -182,8 +200,11 @@ def test_class_index_is_read_in_numeric_order_and_checked_against_tfds(tmp_path,
   path = tmp_path / "served.json"
   path.write_text(json.dumps(index))
   md5 = hashlib.md5(path.read_bytes()).hexdigest()
-  monkeypatch.setitem(keras_weights.FILES, keras_weights.CLASS_INDEX,
-                      KerasFile("imagenet_class_index.json", path.as_uri(), md5))
+  monkeypatch.setitem(
+    keras_weights.FILES,
+    keras_weights.CLASS_INDEX,
+    KerasFile("imagenet_class_index.json", path.as_uri(), md5),
+  )
   classes = keras_weights.imagenet_classes(str(tmp_path / "cache"))
   assert classes.synsets == tuple(synsets)
   assert classes.names[2] == "name_2" and classes.names[10] == "name_10"

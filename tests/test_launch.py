@@ -5,6 +5,7 @@ argument lists (checking the quoting survives), and the commands they really run
 with stand-ins for gcloud / scontrol / srun / python on PATH: what --dry-run prints must be what
 runs, and the $SLURM_* variables must expand per task as intended.
 """
+
 import json
 import os
 import shlex
@@ -24,8 +25,11 @@ LOCAL_SH = os.path.join(REPO, "launch", "local.sh")
 TPU_VM_SH = os.path.join(REPO, "launch", "tpu_vm.sh")
 SLURM_SH = os.path.join(REPO, "launch", "slurm.sh")
 
-MAIN_ARGS = ["--config=configs/quickstart.py", "--workdir=/runs/a b",
-             "--config.data_dir=/data/it's here"]
+MAIN_ARGS = [
+  "--config=configs/quickstart.py",
+  "--workdir=/runs/a b",
+  "--config.data_dir=/data/it's here",
+]
 
 
 def _write_executable(path, text):
@@ -41,12 +45,15 @@ def _run(command, env=None, timeout=120, **kwargs):
 
 def _argv_recorder(bin_dir, name, log_path):
   """A stand-in program that appends its argv (as JSON) to log_path and succeeds."""
-  return _write_executable(bin_dir / name, f"""
+  return _write_executable(
+    bin_dir / name,
+    f"""
       #!{sys.executable}
       import json, sys
       with open({str(log_path)!r}, "a") as f:
           f.write(json.dumps(sys.argv[1:]) + "\\n")
-      """)
+      """,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,8 +62,17 @@ def _argv_recorder(bin_dir, name, log_path):
 
 
 def test_tpu_vm_dry_run_prints_sync_install_and_run_on_all_workers():
-  result = _run([TPU_VM_SH, "--tpu=my-v4-32", "--zone=us-central2-b", "--project=proj",
-                 "--dry-run", "--", *MAIN_ARGS])
+  result = _run(
+    [
+      TPU_VM_SH,
+      "--tpu=my-v4-32",
+      "--zone=us-central2-b",
+      "--project=proj",
+      "--dry-run",
+      "--",
+      *MAIN_ARGS,
+    ]
+  )
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert len(lines) == 5, result.stdout
@@ -70,8 +86,18 @@ def test_tpu_vm_dry_run_prints_sync_install_and_run_on_all_workers():
   assert scp[5] == shlex.split(pack.split("| tar -czf ")[1])[0]  # the tarball just packed
   assert {"--zone=us-central2-b", "--project=proj", "--worker=all"} <= set(scp)
 
-  gcloud_ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v4-32", "--zone=us-central2-b",
-                "--project=proj", "--worker=all", "--command"]
+  gcloud_ssh = [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+    "my-v4-32",
+    "--zone=us-central2-b",
+    "--project=proj",
+    "--worker=all",
+    "--command",
+  ]
   for line in (unpack, install, run):
     argv = shlex.split(line)
     assert argv[:-1] == gcloud_ssh
@@ -79,7 +105,7 @@ def test_tpu_vm_dry_run_prints_sync_install_and_run_on_all_workers():
   with open(os.path.join(REPO, "requirements.txt")) as f:
     jax_line = next(line.strip() for line in f if line.startswith("jax"))
   install_command = shlex.split(shlex.split(install)[-1])
-  assert install_command[-3:] == ["-r", "requirements.txt", "jax[tpu]" + jax_line[len("jax"):]]
+  assert install_command[-3:] == ["-r", "requirements.txt", "jax[tpu]" + jax_line[len("jax") :]]
 
   remote = shlex.split(shlex.split(run)[-1])  # the remote shell's own word splitting
   assert remote[:6] == ["cd", "xception_jax", "&&", ".", ".venv/bin/activate", "&&"]
@@ -106,13 +132,16 @@ def test_tpu_vm_runs_exactly_what_dry_run_prints(tmp_path):
   assert remote.endswith("> logs/main-$(hostname).log 2>&1 < /dev/null &")
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--zone=z", "--", "--workdir=w"], "--tpu=NAME is required"),
     (["--tpu=t", "--", "--workdir=w"], "--zone=ZONE is required"),
     (["--tpu=t", "--zone=z", "--", "--config=c.py"], "need --workdir"),
     (["--tpu=t", "--zone=z", "--", "--workdir=w", "--process_id=0"], "find each other"),
     (["--tpu=t", "--zone=z", "--workers=all"], "unknown option '--workers=all'"),
-])
+  ],
+)
 def test_tpu_vm_rejects_bad_arguments(args, message):
   result = _run([TPU_VM_SH, "--dry-run", *args])
   assert result.returncode == 2
@@ -129,59 +158,96 @@ def _slurm_script(stdout):
   lines = stdout.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith("# ---- batch script "))
   end = lines.index("# ---- submitted with ----")
-  return "\n".join(lines[start + 1:end]) + "\n", shlex.split(lines[end + 1]), lines[start]
+  return "\n".join(lines[start + 1 : end]) + "\n", shlex.split(lines[end + 1]), lines[start]
 
 
 def _fake_slurm(tmp_path, nodes, tasks_per_node):
   """scontrol and srun stand-ins: srun runs its command once per task with SLURM_* set."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _write_executable(bin_dir / "scontrol", f"""
+  _write_executable(
+    bin_dir / "scontrol",
+    f"""
       #!/bin/bash
       [[ "$1 $2 $3" == "show hostnames node-[07-0{6 + nodes}]" ]] || exit 9
       for i in $(seq 7 {6 + nodes}); do printf 'node-%02d\\n' $i; done
-      """)
-  _write_executable(bin_dir / "srun", f"""
+      """,
+  )
+  _write_executable(
+    bin_dir / "srun",
+    f"""
       #!/bin/bash
       while [[ "$1" == --* ]]; do shift; done
       for ((p = 0; p < SLURM_NTASKS; p++)); do
         SLURM_PROCID=$p SLURM_LOCALID=$((p % {tasks_per_node})) "$@" || exit $?
       done
-      """)
+      """,
+  )
   log = tmp_path / "python.jsonl"
-  python = _write_executable(tmp_path / "python", f"""
+  python = _write_executable(
+    tmp_path / "python",
+    f"""
       #!{sys.executable}
       import json, os, sys
       with open({str(log)!r}, "a") as f:
           f.write(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(),
                               "ids": os.environ.get("JAX_LOCAL_DEVICE_IDS")}}) + "\\n")
-      """)
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-         "SLURM_JOB_NODELIST": f"node-[07-0{6 + nodes}]", "SLURM_JOB_ID": "5000",
-         "SLURM_NTASKS": str(nodes * tasks_per_node)}
+      """,
+  )
+  env = {
+    **os.environ,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "SLURM_JOB_NODELIST": f"node-[07-0{6 + nodes}]",
+    "SLURM_JOB_ID": "5000",
+    "SLURM_NTASKS": str(nodes * tasks_per_node),
+  }
   return env, python, log
 
 
-@pytest.mark.parametrize("per, tasks_per_node, expected_ids", [
+@pytest.mark.parametrize(
+  "per, tasks_per_node, expected_ids",
+  [
     ("gpu", 4, lambda p: str(p % 4)),
     ("host", 1, lambda p: "0,1,2,3"),
-])
+  ],
+)
 def test_slurm_dry_run_script_starts_one_process_per_gpu_or_host(
-    tmp_path, per, tasks_per_node, expected_ids):
+  tmp_path, per, tasks_per_node, expected_ids
+):
   env, python, log = _fake_slurm(tmp_path, nodes=2, tasks_per_node=tasks_per_node)
-  result = _run([SLURM_SH, "--nodes=2", "--gpus-per-node=4", f"--per={per}", "--partition=gpu",
-                 "--time=1:00:00", f"--python={python}", f"--log-dir={tmp_path}/logs", "--dry-run",
-                 "--", *MAIN_ARGS], cwd=tmp_path)
+  result = _run(
+    [
+      SLURM_SH,
+      "--nodes=2",
+      "--gpus-per-node=4",
+      f"--per={per}",
+      "--partition=gpu",
+      "--time=1:00:00",
+      f"--python={python}",
+      f"--log-dir={tmp_path}/logs",
+      "--dry-run",
+      "--",
+      *MAIN_ARGS,
+    ],
+    cwd=tmp_path,
+  )
   assert result.returncode == 0, result.stderr
   script, sbatch, header = _slurm_script(result.stdout)
   script_path = f"{tmp_path}/logs/xception_jax.sbatch"
   assert header == f"# ---- batch script {script_path} ----"
   assert sbatch == ["sbatch", "--parsable", script_path]
   directives = [line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH")]
-  assert directives == ["--job-name=xception_jax", "--nodes=2",
-                        f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=4",
-                        "--time=1:00:00", f"--output={tmp_path}/logs/%x-%j.out",
-                        "--signal=B:TERM@120", "--requeue", "--partition=gpu"]
+  assert directives == [
+    "--job-name=xception_jax",
+    "--nodes=2",
+    f"--ntasks-per-node={tasks_per_node}",
+    "--gpus-per-node=4",
+    "--time=1:00:00",
+    f"--output={tmp_path}/logs/%x-%j.out",
+    "--signal=B:TERM@120",
+    "--requeue",
+    "--partition=gpu",
+  ]
 
   # Run the batch script as SLURM would (2 nodes), with stand-ins printing what each task got.
   script_file = tmp_path / "job.sh"
@@ -194,9 +260,14 @@ def test_slurm_dry_run_script_starts_one_process_per_gpu_or_host(
   assert len(tasks) == num_processes
   port = 61440 + 5000 % 4096
   for p, task in enumerate(tasks):
-    assert task["argv"] == ["-m", "xception_jax.main", *MAIN_ARGS,
-                            f"--coordinator_address=node-07:{port}",
-                            f"--num_processes={num_processes}", f"--process_id={p}"]
+    assert task["argv"] == [
+      "-m",
+      "xception_jax.main",
+      *MAIN_ARGS,
+      f"--coordinator_address=node-07:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={p}",
+    ]
     assert task["ids"] == expected_ids(p)
     assert task["cwd"] == str(tmp_path)  # relative paths mean what they meant at submission
 
@@ -204,15 +275,24 @@ def test_slurm_dry_run_script_starts_one_process_per_gpu_or_host(
 def test_slurm_submits_the_script_it_prints(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _write_executable(bin_dir / "sbatch", f"""
+  _write_executable(
+    bin_dir / "sbatch",
+    f"""
       #!/bin/bash
       cp "${{@: -1}}" {tmp_path}/submitted.sh
       echo 4242
-      """)
+      """,
+  )
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-  args = [SLURM_SH, "--job-name=run-7", "--python=/opt/py/bin/python", f"--log-dir={tmp_path}",
-          "--", *MAIN_ARGS]
-  dry = _run(args[:-len(MAIN_ARGS) - 1] + ["--dry-run"] + args[-len(MAIN_ARGS) - 1:], env=env)
+  args = [
+    SLURM_SH,
+    "--job-name=run-7",
+    "--python=/opt/py/bin/python",
+    f"--log-dir={tmp_path}",
+    "--",
+    *MAIN_ARGS,
+  ]
+  dry = _run(args[: -len(MAIN_ARGS) - 1] + ["--dry-run"] + args[-len(MAIN_ARGS) - 1 :], env=env)
   real = _run(args, env=env)
   assert dry.returncode == 0 and real.returncode == 0, dry.stderr + real.stderr
   assert "Submitted job 4242" in real.stdout
@@ -224,19 +304,35 @@ def _preemptible_job(tmp_path, srun_body):
   """The batch script with stand-ins: scontrol logs its argv; srun runs `srun_body`."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _write_executable(bin_dir / "scontrol", f"""
+  _write_executable(
+    bin_dir / "scontrol",
+    f"""
       #!/bin/bash
       if [[ "$1" == show ]]; then echo node-07; exit 0; fi
       echo "$*" >> {tmp_path}/scontrol.log
-      """)
+      """,
+  )
   _write_executable(bin_dir / "srun", "#!/bin/bash\n" + textwrap.dedent(srun_body))
-  result = _run([SLURM_SH, "--python=/usr/bin/python3", f"--log-dir={tmp_path}", "--dry-run",
-                 "--", "--workdir=w"])
+  result = _run(
+    [
+      SLURM_SH,
+      "--python=/usr/bin/python3",
+      f"--log-dir={tmp_path}",
+      "--dry-run",
+      "--",
+      "--workdir=w",
+    ]
+  )
   assert result.returncode == 0, result.stderr
   script_file = tmp_path / "job.sh"
   script_file.write_text(_slurm_script(result.stdout)[0])
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-07",
-         "SLURM_JOB_ID": "5000", "SLURM_NTASKS": "1"}
+  env = {
+    **os.environ,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "SLURM_JOB_NODELIST": "node-07",
+    "SLURM_JOB_ID": "5000",
+    "SLURM_NTASKS": "1",
+  }
   return script_file, env
 
 
@@ -255,13 +351,22 @@ def test_slurm_job_requeues_itself_when_the_run_saved_for_preemption(tmp_path):
 
 def test_slurm_batch_shell_passes_sigterm_on_to_srun(tmp_path):
   """--signal=B:TERM@120 signals the batch shell only; it must reach the processes."""
-  script, env = _preemptible_job(tmp_path, f"""
+  script, env = _preemptible_job(
+    tmp_path,
+    f"""
       trap 'echo got-term >> {tmp_path}/srun.log; kill $!; exit 75' TERM
       echo started >> {tmp_path}/srun.log
       sleep 60 & wait
-      """)
-  job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+      """,
+  )
+  job = subprocess.Popen(
+    ["bash", str(script)],
+    env=env,
+    cwd=tmp_path,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 30
   while not (tmp_path / "srun.log").exists() and time.time() < deadline:
     time.sleep(0.05)
@@ -272,7 +377,9 @@ def test_slurm_batch_shell_passes_sigterm_on_to_srun(tmp_path):
   assert (tmp_path / "scontrol.log").read_text() == "requeue 5000\n"
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--no-requeue", "--signal-before=0"], "--signal-before must be a positive integer"),
     (["--per=node"], "--per must be 'gpu'"),
     (["--nodes=0"], "--nodes must be a positive integer"),
@@ -281,7 +388,8 @@ def test_slurm_batch_shell_passes_sigterm_on_to_srun(tmp_path):
     (["--", "--config=c.py"], "need --workdir"),
     (["--", "--workdir=w", "--num_processes=2"], "set by the batch script"),
     (["--ntasks=3"], "unknown option '--ntasks=3'"),
-])
+  ],
+)
 def test_slurm_rejects_bad_arguments(args, message):
   if "--" not in args:
     args = args + ["--", "--workdir=w"]
@@ -297,7 +405,9 @@ def test_slurm_rejects_bad_arguments(args, message):
 
 def test_local_sh_stops_all_processes_when_one_fails(tmp_path):
   """Survivors would wait forever in a collective: they are killed, and the failure reported."""
-  python = _write_executable(tmp_path / "python", """
+  python = _write_executable(
+    tmp_path / "python",
+    """
       #!/bin/bash
       if [[ "$1" == "-c" ]]; then exec python3 "$@"; fi
       for arg in "$@"; do
@@ -305,7 +415,8 @@ def test_local_sh_stops_all_processes_when_one_fails(tmp_path):
       done
       echo "waiting in a collective"
       exec sleep 60
-      """)
+      """,
+  )
   result = _run([LOCAL_SH, "3", "--workdir=w"], env={**os.environ, "PYTHON": python}, timeout=30)
   assert result.returncode == 7
   assert "[process 1] process 1 fails" in result.stdout
@@ -313,15 +424,23 @@ def test_local_sh_stops_all_processes_when_one_fails(tmp_path):
 
 
 def test_local_sh_passes_sigterm_on_and_reports_it(tmp_path):
-  python = _write_executable(tmp_path / "python", """
+  python = _write_executable(
+    tmp_path / "python",
+    """
       #!/bin/bash
       if [[ "$1" == "-c" ]]; then exec python3 "$@"; fi
       trap 'echo "saving and stopping"; kill $!; exit 0' TERM
       echo ready
       sleep 60 &> /dev/null & wait
-      """)
-  process = subprocess.Popen([LOCAL_SH, "2", "--workdir=w"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHON": python})
+      """,
+  )
+  process = subprocess.Popen(
+    [LOCAL_SH, "2", "--workdir=w"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "PYTHON": python},
+  )
   lines = [process.stdout.readline(), process.stdout.readline()]
   assert all(line.endswith("ready\n") for line in lines), lines
   process.send_signal(signal.SIGTERM)
@@ -332,7 +451,9 @@ def test_local_sh_passes_sigterm_on_and_reports_it(tmp_path):
 
 def test_local_sh_passes_the_preempted_status_through(tmp_path):
   """Exit 75 (saved, resumable) is not a failure: the others are not killed, 75 comes out."""
-  python = _write_executable(tmp_path / "python", """
+  python = _write_executable(
+    tmp_path / "python",
+    """
       #!/bin/bash
       if [[ "$1" == "-c" ]]; then exec python3 "$@"; fi
       for arg in "$@"; do
@@ -340,18 +461,22 @@ def test_local_sh_passes_the_preempted_status_through(tmp_path):
       done
       echo "saved"
       exit 75
-      """)
+      """,
+  )
   result = _run([LOCAL_SH, "2", "--workdir=w"], env={**os.environ, "PYTHON": python}, timeout=30)
   assert result.returncode == 75, result.stderr
   assert "[process 1] saved too" in result.stdout  # not killed when process 0 stopped first
   assert "killing the others" not in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["0"], "must be a positive integer"),
     (["two"], "must be a positive integer"),
     (["2", "--process_id=1"], "is set by this script"),
-])
+  ],
+)
 def test_local_sh_rejects_bad_arguments(args, message):
   result = _run([LOCAL_SH, *args])
   assert result.returncode == 2
@@ -374,19 +499,36 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
   process reads and shuffles its own shard of the files, so the global batches of a 1-process
   and a 2-process run differ by design.
   """
-  args = ["--config=configs/quickstart.py:runlocal", "--config.dataset=synthetic",
-          "--config.num_classes=10", "--config.image_size=72", "--config.batch_size=8",
-          "--config.eval_batch_size=1000", "--config.total_steps=3", "--config.log_every_steps=1",
-          "--config.lr.warmup_epochs=0", "--config.ema.decay=0.5"]
+  args = [
+    "--config=configs/quickstart.py:runlocal",
+    "--config.dataset=synthetic",
+    "--config.num_classes=10",
+    "--config.image_size=72",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=1000",
+    "--config.total_steps=3",
+    "--config.log_every_steps=1",
+    "--config.lr.warmup_epochs=0",
+    "--config.ema.decay=0.5",
+  ]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO)
-  two = subprocess.Popen([LOCAL_SH, "2", *args, f"--workdir={tmp_path}/two"], cwd=REPO,
-                         env={**env, "DEVICES_PER_PROCESS": "1"}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-  one = subprocess.Popen([sys.executable, "-m", "xception_jax.main", *args,
-                          f"--workdir={tmp_path}/one"], cwd=REPO,
-                         env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  two = subprocess.Popen(
+    [LOCAL_SH, "2", *args, f"--workdir={tmp_path}/two"],
+    cwd=REPO,
+    env={**env, "DEVICES_PER_PROCESS": "1"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  one = subprocess.Popen(
+    [sys.executable, "-m", "xception_jax.main", *args, f"--workdir={tmp_path}/one"],
+    cwd=REPO,
+    env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   two_out, _ = two.communicate(timeout=600)
   one_out, _ = one.communicate(timeout=600)
   assert two.returncode == 0, two_out[-5000:]
@@ -400,15 +542,20 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
 
   losses_two, losses_one = _train_losses(tmp_path / "two"), _train_losses(tmp_path / "one")
   assert sorted(losses_two) == sorted(losses_one) == [1, 2, 3]
-  np.testing.assert_allclose([losses_two[s] for s in (1, 2, 3)],
-                             [losses_one[s] for s in (1, 2, 3)], rtol=1e-5)
+  np.testing.assert_allclose(
+    [losses_two[s] for s in (1, 2, 3)], [losses_one[s] for s in (1, 2, 3)], rtol=1e-5
+  )
   assert len(set(losses_one.values())) == 3  # the model trained: the loss moved
 
   from xception_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   params_two = checkpointing.load_variables(str(tmp_path / "two"))
   params_one = checkpointing.load_variables(str(tmp_path / "one"))
   assert params_two["step"] == params_one["step"] == 3
-  leaves_two, leaves_one = jax.tree.leaves(params_two["params"]), jax.tree.leaves(params_one["params"])
+  leaves_two, leaves_one = (
+    jax.tree.leaves(params_two["params"]),
+    jax.tree.leaves(params_one["params"]),
+  )
   assert len(leaves_two) == len(leaves_one) > 0
   for a, b in zip(leaves_two, leaves_one):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -417,21 +564,36 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_after_sigterm_to_one(tmp_path):
   """JAX's preemption sync: SIGTERM to process 1 alone; both save the same step and exit 75."""
-  args = ["--config=configs/quickstart.py:runlocal", "--config.dataset=synthetic",
-          "--config.num_classes=10", "--config.image_size=72", "--config.batch_size=8",
-          "--config.eval_batch_size=1000", "--config.total_steps=400",
-          "--config.log_every_steps=1", "--config.eval_every_steps=1000",
-          "--config.checkpoint_every_steps=1000", f"--workdir={tmp_path}"]
+  args = [
+    "--config=configs/quickstart.py:runlocal",
+    "--config.dataset=synthetic",
+    "--config.num_classes=10",
+    "--config.image_size=72",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=1000",
+    "--config.total_steps=400",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=1000",
+    "--config.checkpoint_every_steps=1000",
+    f"--workdir={tmp_path}",
+  ]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO, DEVICES_PER_PROCESS="1")
-  job = subprocess.Popen([LOCAL_SH, "2", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+  job = subprocess.Popen(
+    [LOCAL_SH, "2", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 500
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
     time.sleep(0.2)
-  worker = subprocess.run(["pgrep", "-f", "--", f"--workdir={tmp_path} .*--process_id=1"],
-                          capture_output=True, text=True).stdout.split()
+  worker = subprocess.run(
+    ["pgrep", "-f", "--", f"--workdir={tmp_path} .*--process_id=1"], capture_output=True, text=True
+  ).stdout.split()
   assert len(worker) == 1, worker
   os.kill(int(worker[0]), signal.SIGTERM)
   out, _ = job.communicate(timeout=300)
@@ -442,4 +604,5 @@ def test_two_processes_stop_at_the_same_step_after_sigterm_to_one(tmp_path):
   assert len(steps) == 1, stops  # the same step on both processes
   step = int(steps.pop())
   from xception_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
   assert workdir_lib.checkpoint_steps(tmp_path) == [step] and step < 400

@@ -1,14 +1,16 @@
 """Losses and eval metrics on hand-made examples, padding masks, and streaming MAP@100 vs brute force."""
+
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xception_jax import metrics
-
 
 # ----------------------------------------------------------------------------- losses
 
@@ -16,12 +18,15 @@ from xception_jax import metrics
 def test_softmax_cross_entropy_by_hand_with_smoothing():
   logits = jnp.log(jnp.array([[1.0, 3.0], [1.0, 1.0]]))  # probs [0.25, 0.75] and [0.5, 0.5]
   labels = jnp.array([1, 0])
-  np.testing.assert_allclose(metrics.softmax_cross_entropy(logits, labels, 2, 0.0),
-                             [-math.log(0.75), math.log(2)], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.softmax_cross_entropy(logits, labels, 2, 0.0), [-math.log(0.75), math.log(2)], rtol=1e-6
+  )
   # Smoothing 0.2 over 2 classes: targets [0.1, 0.9].
   np.testing.assert_allclose(
-      metrics.softmax_cross_entropy(logits, labels, 2, 0.2)[0],
-      -(0.1 * math.log(0.25) + 0.9 * math.log(0.75)), rtol=1e-6)
+    metrics.softmax_cross_entropy(logits, labels, 2, 0.2)[0],
+    -(0.1 * math.log(0.25) + 0.9 * math.log(0.75)),
+    rtol=1e-6,
+  )
   with pytest.raises(ValueError, match="num_classes"):
     metrics.softmax_cross_entropy(logits, labels, 3, 0.0)
   # bf16 logits still give a float32 loss.
@@ -36,27 +41,31 @@ def test_sigmoid_cross_entropy_sums_over_classes():
   logits = jnp.array([[2.0, -1.0, 0.0], [0.0, 0.0, 0.0]])
   multi_hot = jnp.array([[1, 0, 1], [0, 0, 0]])
   got = metrics.sigmoid_cross_entropy(logits, multi_hot)
-  np.testing.assert_allclose(got, [by_hand(2, 1) + by_hand(-1, 0) + by_hand(0, 1), 3 * math.log(2)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    got, [by_hand(2, 1) + by_hand(-1, 0) + by_hand(0, 1), 3 * math.log(2)], rtol=1e-6
+  )
   # Smoothing 0.1: targets 0.95 / 0.05.
   got = metrics.sigmoid_cross_entropy(logits, multi_hot, 0.1)
   want = by_hand(2, 0.95) + by_hand(-1, 0.05) + by_hand(0, 0.95)
   np.testing.assert_allclose(got[0], want, rtol=1e-6)
   # Stable for large logits: log(1 + e^100) = 100.
-  np.testing.assert_allclose(metrics.sigmoid_cross_entropy(jnp.array([[100.0]]), jnp.array([[0]])),
-                             [100.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.sigmoid_cross_entropy(jnp.array([[100.0]]), jnp.array([[0]])), [100.0], rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------- counts
 
 
 def test_classification_counts_with_padding():
-  logits = jnp.array([
+  logits = jnp.array(
+    [
       [0.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # label 1: top-1
       [9.0, 1.0, 2.0, 3.0, 4.0, 5.0],  # label 3: rank 4, top-5 only
       [9.0, 8.0, 7.0, 6.0, 5.0, 0.0],  # label 5: rank 6, neither
-      [jnp.nan] * 6,                   # padding with garbage
-  ])
+      [jnp.nan] * 6,  # padding with garbage
+    ]
+  )
   labels = jnp.array([1, 3, 5, -1])
   mask = jnp.array([1, 1, 1, 0])
   got = jax.jit(metrics.classification_counts)(logits, labels, mask)
@@ -80,7 +89,9 @@ def test_multilabel_counts_with_padding():
   mask = jnp.array([True, True, False])
   got = jax.jit(metrics.multilabel_counts)(logits, multi_hot, mask)
   np.testing.assert_allclose(got["count"], 2)
-  np.testing.assert_allclose(got["precision_at_1"], 1)  # row 0's top class 0 is positive, row 1's 2 not
+  np.testing.assert_allclose(
+    got["precision_at_1"], 1
+  )  # row 0's top class 0 is positive, row 1's 2 not
   want_loss = metrics.sigmoid_cross_entropy(logits[:2], multi_hot[:2]).sum()
   np.testing.assert_allclose(got["loss"], want_loss, rtol=1e-6)
 
@@ -109,12 +120,17 @@ def brute_force_map(scores, positive, k=100, weighting=None):
 
 def test_map_by_hand():
   state = metrics.map_init(1, k=2)
-  state = metrics.map_update(state, jnp.array([[0.9], [0.8], [0.7]]), jnp.array([[1], [0], [1]]),
-                             jnp.ones(3))
+  state = metrics.map_update(
+    state, jnp.array([[0.9], [0.8], [0.7]]), jnp.array([[1], [0], [1]]), jnp.ones(3)
+  )
   # Top 2 ranked images: positive, negative -> AP = (1/1) / min(2, 2 positives) = 0.5.
   np.testing.assert_allclose(metrics.map_result(state), 0.5)
-  state = metrics.map_update(metrics.map_init(1, k=3), jnp.array([[0.9], [0.8], [0.7]]),
-                             jnp.array([[1], [0], [1]]), jnp.ones(3))
+  state = metrics.map_update(
+    metrics.map_init(1, k=3),
+    jnp.array([[0.9], [0.8], [0.7]]),
+    jnp.array([[1], [0], [1]]),
+    jnp.ones(3),
+  )
   np.testing.assert_allclose(metrics.map_result(state), (1 / 1 + 2 / 3) / 2, rtol=1e-6)
   # No positives at all: undefined.
   assert np.isnan(metrics.map_result(metrics.map_init(3)))
@@ -131,7 +147,7 @@ def test_streaming_map_equals_brute_force_with_padding_and_ties():
   update = jax.jit(metrics.map_update)
   state = metrics.map_init(c)
   for start in range(0, n, batch):
-    s, y = scores[start:start + batch], positive[start:start + batch]
+    s, y = scores[start : start + batch], positive[start : start + batch]
     real = len(s)
     if real < batch:  # padding rows score highest and are all positive: they must not count
       s = np.concatenate([s, np.full((batch - real, c), 1e9, np.float32)])
@@ -140,12 +156,19 @@ def test_streaming_map_equals_brute_force_with_padding_and_ties():
     state = update(state, jnp.asarray(s), jnp.asarray(y.astype(np.int32)), jnp.asarray(mask))
 
   np.testing.assert_array_equal(state.num_positives, positive.sum(0))
-  np.testing.assert_allclose(metrics.map_result(state), brute_force_map(scores, positive),
-                             rtol=1e-6)
-  np.testing.assert_allclose(metrics.map_result(state, "frequency"),
-                             brute_force_map(scores, positive, weighting="frequency"), rtol=1e-6)
-  np.testing.assert_allclose(metrics.map_result(state, positive.sum(0).astype(np.float32)),
-                             metrics.map_result(state, "frequency"), rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.map_result(state), brute_force_map(scores, positive), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    metrics.map_result(state, "frequency"),
+    brute_force_map(scores, positive, weighting="frequency"),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    metrics.map_result(state, positive.sum(0).astype(np.float32)),
+    metrics.map_result(state, "frequency"),
+    rtol=1e-6,
+  )
   with pytest.raises(ValueError, match="map_class_weighting"):
     metrics.map_result(state, "inverse")
 
@@ -159,10 +182,13 @@ def test_map_update_on_globally_sharded_batch():
   positive = rng.random((n, c)) < 0.3
   mask = np.arange(n) < n - 3
   batch_sharding = NamedSharding(mesh, P("data"))
-  args = [jax.device_put(jnp.asarray(x), batch_sharding)
-          for x in (scores, positive.astype(np.int32), mask)]
+  args = [
+    jax.device_put(jnp.asarray(x), batch_sharding)
+    for x in (scores, positive.astype(np.int32), mask)
+  ]
   state = jax.jit(metrics.map_update)(metrics.map_init(c), *args)
   counts = jax.jit(metrics.multilabel_counts)(*args)
-  np.testing.assert_allclose(metrics.map_result(state),
-                             brute_force_map(scores[mask], positive[mask]), rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.map_result(state), brute_force_map(scores[mask], positive[mask]), rtol=1e-6
+  )
   np.testing.assert_allclose(counts["count"], n - 3)

@@ -1,5 +1,6 @@
 """tools/model_info: the printed report, the segment sweep (each row's analytic parameter count must
 equal the count of the module it describes), the CSV, and errors."""
+
 import csv
 import functools
 
@@ -16,8 +17,11 @@ from xception_jax.tools import model_info
 def _counted(name, size=71, **kwargs):
   """(params, batch-stat entries) of the built module, from shapes only."""
   model = models.create(name, **kwargs)
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+  )
   count = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   return count(shapes["params"]), count(shapes["batch_stats"])
 
@@ -57,8 +61,18 @@ def test_every_sweep_row_matches_the_built_module(budget):
 
 def test_sweep_table_and_csv(tmp_path, capsys):
   path = tmp_path / "sweep.csv"
-  assert model_info.main(["--model=xception_small", "--sweep_segments", "--budget=params",
-                          "--image_size=80", f"--csv={path}"]) == 0
+  assert (
+    model_info.main(
+      [
+        "--model=xception_small",
+        "--sweep_segments",
+        "--budget=params",
+        "--image_size=80",
+        f"--csv={path}",
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   with open(path) as f:
     rows = list(csv.DictReader(f))
@@ -84,8 +98,7 @@ def test_invalid_settings_are_reported(capsys):
 def test_parsers():
   assert models.parse_segments("4") == 4
   assert models.parse_segments("depthwise") == "depthwise"
-  assert models.parse_segments("entry=4,middle=depthwise") == {"entry": 4,
-                                                                   "middle": "depthwise"}
+  assert models.parse_segments("entry=4,middle=depthwise") == {"entry": 4, "middle": "depthwise"}
   assert model_info.parse_image_size("320x240") == (320, 240)
   assert model_info.parse_budget("22,855,952") == 22_855_952
   with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
@@ -102,4 +115,3 @@ def test_models_without_formulas_are_counted(capsys):
   analytic = costs.model_cost("xception_tiny", 80, num_classes=10, exclude_padding=True)
   assert counted.params == analytic.params
   assert 1.0 <= counted.macs_total / analytic.macs_total < 1.1
-

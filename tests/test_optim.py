@@ -1,4 +1,5 @@
 """The optimizer chain, schedules and EMA against the recipes' numbers and TensorFlow's formulas."""
+
 import math
 
 import jax
@@ -57,11 +58,11 @@ def test_imagenet_schedule_staircase_every_two_epochs():
   steps_per_epoch = IMAGENET_TRAIN_IMAGES / 32  # 40,036.47: two epochs = 80,072.94 steps
   sched = optim.learning_rate_schedule(c, steps_per_epoch, total_steps=10**7)
   cases = {
-      0: 0.045,
-      80_072: 0.045,  # epoch 1.99999
-      80_073: 0.045 * 0.94,  # epoch 2.00001
-      5 * 40_037: 0.045 * 0.94**2,  # epoch 5.00009 -> floor(2.5) = 2
-      100 * 40_037: 0.045 * 0.94**50,  # epoch 100.0009
+    0: 0.045,
+    80_072: 0.045,  # epoch 1.99999
+    80_073: 0.045 * 0.94,  # epoch 2.00001
+    5 * 40_037: 0.045 * 0.94**2,  # epoch 5.00009 -> floor(2.5) = 2
+    100 * 40_037: 0.045 * 0.94**50,  # epoch 100.0009
   }
   for step, want in cases.items():
     np.testing.assert_allclose(float(sched(step)), want, rtol=1e-6, err_msg=f"step {step}")
@@ -94,6 +95,7 @@ def test_jft_schedule_decays_every_three_million_samples():
 
 def test_lr_scaling_with_batch_size_override_stays_consistent():
   """tensorflow/tpu Inception: 0.165 * batch / 256, x0.94 every 3 epochs; the decay epochs hold."""
+
   def schedule_for(batch):
     c = base_config()
     c.batch_size = batch
@@ -104,7 +106,7 @@ def test_lr_scaling_with_batch_size_override_stays_consistent():
     sched = schedule_for(batch)
     peak = 0.165 * batch / 256
     np.testing.assert_allclose(float(sched(0)), peak, rtol=1e-6)
-    step_at_epoch = lambda e: int(e * IMAGENET_TRAIN_IMAGES / batch)  # noqa: E731
+    step_at_epoch = lambda e, batch=batch: int(e * IMAGENET_TRAIN_IMAGES / batch)
     np.testing.assert_allclose(float(sched(step_at_epoch(2.9))), peak, rtol=1e-6)
     np.testing.assert_allclose(float(sched(step_at_epoch(3.1))), peak * 0.94, rtol=1e-6)
     np.testing.assert_allclose(float(sched(step_at_epoch(7.0))), peak * 0.94**2, rtol=1e-6)
@@ -170,8 +172,9 @@ def test_rmsprop_tf_matches_tf1_formula_by_hand():
   tx, _ = optim.create_optimizer(c, 100.0, 1000)
   got = run_updates(tx, jnp.asarray(W0, jnp.float32), [jnp.asarray(g, jnp.float32) for g in GRADS])
   # Step 1 by hand: ms = 0.9 * 1 + 0.1 * g^2 = [0.925, 1.0]; mom = 0.1 * g / sqrt(ms + 1).
-  np.testing.assert_allclose(got[0], [1 - 0.05 / math.sqrt(1.925), -2 + 0.1 / math.sqrt(2.0)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    got[0], [1 - 0.05 / math.sqrt(1.925), -2 + 0.1 / math.sqrt(2.0)], rtol=1e-6
+  )
   want = tf1_rmsprop_numpy(lr=0.1, rho=0.9, momentum=0.9, eps=1.0, ms0=1.0)
   for step, (g, w) in enumerate(zip(got, want)):
     np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=f"step {step + 1}")
@@ -222,24 +225,37 @@ def test_against_tensorflow_and_keras_optimizers():
     return out
 
   cases = [
-      ("rmsprop_tf", dict(rms_decay=0.9, eps=1.0), lambda: tf.compat.v1.train.RMSPropOptimizer(
-          0.1, decay=0.9, momentum=0.9, epsilon=1.0)),
-      ("sgd", dict(), lambda: tf.compat.v1.train.MomentumOptimizer(0.1, 0.9)),
-      ("sgd", dict(nesterov=True), lambda: tf.compat.v1.train.MomentumOptimizer(
-          0.1, 0.9, use_nesterov=True)),
+    (
+      "rmsprop_tf",
+      dict(rms_decay=0.9, eps=1.0),
+      lambda: tf.compat.v1.train.RMSPropOptimizer(0.1, decay=0.9, momentum=0.9, epsilon=1.0),
+    ),
+    ("sgd", dict(), lambda: tf.compat.v1.train.MomentumOptimizer(0.1, 0.9)),
+    (
+      "sgd",
+      dict(nesterov=True),
+      lambda: tf.compat.v1.train.MomentumOptimizer(0.1, 0.9, use_nesterov=True),
+    ),
   ]
   try:
     import keras  # Keras 3 on the TensorFlow backend
+
     if keras.__version__.startswith("3"):
-      cases.append(("rmsprop_keras", dict(rms_decay=0.9, eps=1.0), lambda: keras.optimizers.RMSprop(
-          0.1, rho=0.9, momentum=0.9, epsilon=1.0)))
+      cases.append(
+        (
+          "rmsprop_keras",
+          dict(rms_decay=0.9, eps=1.0),
+          lambda: keras.optimizers.RMSprop(0.1, rho=0.9, momentum=0.9, epsilon=1.0),
+        )
+      )
   except ImportError:
     pass
   for name, extra, make_tf in cases:
     c = constant_lr_config(name, lr=0.1, momentum=0.9, **extra)
     tx, _ = optim.create_optimizer(c, 100.0, 1000)
-    got = run_updates(tx, jnp.asarray(W0, jnp.float32),
-                      [jnp.asarray(g, jnp.float32) for g in GRADS])
+    got = run_updates(
+      tx, jnp.asarray(W0, jnp.float32), [jnp.asarray(g, jnp.float32) for g in GRADS]
+    )
     for step, (g, w) in enumerate(zip(got, tf_run(make_tf()))):
       np.testing.assert_allclose(g, w, rtol=1e-5, err_msg=f"{name} {extra} step {step + 1}")
 
@@ -249,10 +265,10 @@ def test_against_tensorflow_and_keras_optimizers():
 
 def toy_params():
   return {
-      "Conv_0": {"kernel": jnp.full((3, 3, 2, 4), 2.0), "bias": jnp.full((4,), 2.0)},
-      "BatchNorm_0": {"scale": jnp.full((4,), 2.0), "bias": jnp.full((4,), 2.0)},
-      "SepConv_0": {"depthwise_kernel": jnp.full((3, 3, 1, 4), 2.0)},
-      "Dense_0": {"kernel": jnp.full((4, 5), 2.0), "bias": jnp.full((5,), 2.0)},
+    "Conv_0": {"kernel": jnp.full((3, 3, 2, 4), 2.0), "bias": jnp.full((4,), 2.0)},
+    "BatchNorm_0": {"scale": jnp.full((4,), 2.0), "bias": jnp.full((4,), 2.0)},
+    "SepConv_0": {"depthwise_kernel": jnp.full((3, 3, 1, 4), 2.0)},
+    "Dense_0": {"kernel": jnp.full((4, 5), 2.0), "bias": jnp.full((5,), 2.0)},
   }
 
 
@@ -265,8 +281,9 @@ def test_weight_decay_is_l2_on_kernels_only_by_default(on):
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = jax.jit(tx.update)(zero_grads, tx.init(params), params)
   # grad += wd * w = 0.2; SGD with lr 1 moves by -0.2 where decay applies, 0 elsewhere.
-  flat = {jax.tree_util.keystr(p): np.asarray(u) for p, u in
-          jax.tree_util.tree_leaves_with_path(updates)}
+  flat = {
+    jax.tree_util.keystr(p): np.asarray(u) for p, u in jax.tree_util.tree_leaves_with_path(updates)
+  }
   decayed = {"['Conv_0']['kernel']", "['Dense_0']['kernel']", "['SepConv_0']['depthwise_kernel']"}
   for name, u in flat.items():
     want = -0.2 if (on == "all" or name in decayed) else 0.0
@@ -285,12 +302,14 @@ def test_global_norm_clipping():
   state = tx.init(params)
   big = {"a": {"kernel": jnp.array([3.0])}, "b": {"kernel": jnp.array([4.0])}}  # global norm 5
   updates, state = tx.update(big, state, params)
-  np.testing.assert_allclose([updates["a"]["kernel"][0], updates["b"]["kernel"][0]], [-0.6, -0.8],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [updates["a"]["kernel"][0], updates["b"]["kernel"][0]], [-0.6, -0.8], rtol=1e-6
+  )
   small = jax.tree.map(lambda g: g / 10, big)  # norm 0.5: untouched
   updates, _ = tx.update(small, state, params)
-  np.testing.assert_allclose([updates["a"]["kernel"][0], updates["b"]["kernel"][0]], [-0.3, -0.4],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [updates["a"]["kernel"][0], updates["b"]["kernel"][0]], [-0.3, -0.4], rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -303,8 +322,9 @@ def test_ema_decay_with_and_without_num_updates_warmup():
   np.testing.assert_allclose(float(optim.ema_decay(1, c)), 2 / 11, rtol=1e-6)
   np.testing.assert_allclose(float(optim.ema_decay(1000, c)), 1001 / 1010, rtol=1e-6)
   np.testing.assert_allclose(float(optim.ema_decay(10**6, c)), 0.9999, rtol=1e-6)
-  np.testing.assert_allclose(float(jax.jit(lambda s: optim.ema_decay(s, c))(jnp.int32(8))),
-                             9 / 18, rtol=1e-6)
+  np.testing.assert_allclose(
+    float(jax.jit(lambda s: optim.ema_decay(s, c))(jnp.int32(8))), 9 / 18, rtol=1e-6
+  )
   c.ema.num_updates_warmup = False
   np.testing.assert_allclose(float(optim.ema_decay(0, c)), 0.9999, rtol=1e-6)
 
@@ -312,11 +332,17 @@ def test_ema_decay_with_and_without_num_updates_warmup():
 def test_ema_update_params_and_batch_stats():
   c = base_config()
   c.ema.decay = 0.5
-  ema = {"params": {"kernel": jnp.array([1.0, 2.0])},
-         "batch_stats": {"mean": jnp.array([0.0]), "var": jnp.array([1.0], jnp.bfloat16)}}
+  ema = {
+    "params": {"kernel": jnp.array([1.0, 2.0])},
+    "batch_stats": {"mean": jnp.array([0.0]), "var": jnp.array([1.0], jnp.bfloat16)},
+  }
   update = jax.jit(optim.ema_update)
-  values = [{"params": {"kernel": jnp.array([3.0, 2.0])},
-             "batch_stats": {"mean": jnp.array([4.0]), "var": jnp.array([3.0], jnp.bfloat16)}}] * 2
+  values = [
+    {
+      "params": {"kernel": jnp.array([3.0, 2.0])},
+      "batch_stats": {"mean": jnp.array([4.0]), "var": jnp.array([3.0], jnp.bfloat16)},
+    }
+  ] * 2
   want_kernel, want_mean, want_var = np.array([1.0, 2.0]), 0.0, 1.0
   for t, v in enumerate(values, start=1):
     d = float(optim.ema_decay(t, c))  # min(0.5, 2/11) then min(0.5, 3/12)

@@ -1,4 +1,5 @@
 """The predict command: top-k per file, JSON and text output, per-file errors, exit status."""
+
 import json
 import os
 
@@ -6,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import quickstart
 from xception_jax import export
@@ -28,8 +29,10 @@ def export_dir(tmp_path_factory):
   config.model = ml_collections.ConfigDict()
   config.image_size = IMAGE_SIZE
   model = models.create_model(config, len(CLASS_NAMES))
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                          jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+    jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32),
+  )
   rng = np.random.default_rng(0)
   scales = {"kernel": None, "scale": 0.1, "bias": 0.1, "mean": 0.1, "var": 0.3}
 
@@ -39,14 +42,20 @@ def export_dir(tmp_path_factory):
       value = rng.standard_normal(spec.shape) / np.sqrt(np.prod(spec.shape[:-1]))
     else:
       value = (1.0 if name in ("scale", "var") else 0.0) + scales[name] * rng.uniform(
-          -1, 1, spec.shape)
+        -1, 1, spec.shape
+      )
     return np.asarray(value, np.float32)
 
   variables = jax.tree_util.tree_map_with_path(leaf, shapes)
   out = str(tmp_path_factory.mktemp("predict") / "export")
-  export.write_export(out, config, {"num_classes": len(CLASS_NAMES), "loss": "softmax",
-                                    "class_names": CLASS_NAMES},
-                      variables, source={"step": 1, "weights": "ema"}, saved_model=False)
+  export.write_export(
+    out,
+    config,
+    {"num_classes": len(CLASS_NAMES), "loss": "softmax", "class_names": CLASS_NAMES},
+    variables,
+    source={"step": 1, "weights": "ema"},
+    saved_model=False,
+  )
   return out
 
 
@@ -61,8 +70,7 @@ def _images(folder, count, seed=0):
   return paths
 
 
-def test_json_lists_every_file_in_order_with_errors_and_exit_status_1(export_dir, tmp_path,
-                                                                      capsys):
+def test_json_lists_every_file_in_order_with_errors_and_exit_status_1(export_dir, tmp_path, capsys):
   good = _images(str(tmp_path), 3)
   missing = str(tmp_path / "missing.jpg")
   text = tmp_path / "readme.png"
@@ -80,10 +88,12 @@ def test_json_lists_every_file_in_order_with_errors_and_exit_status_1(export_dir
     best = np.argsort(-expected)[:2]
     assert [p["label"] for p in result["predictions"]] == [CLASS_NAMES[i] for i in best]
     assert [p["index"] for p in result["predictions"]] == best.tolist()
-    np.testing.assert_allclose([p["score"] for p in result["predictions"]], expected[best],
-                               rtol=0, atol=1e-6)
-  for result, reason in zip([results[i] for i in (1, 3, 4)],
-                            ("not found", "not an image", "truncated")):
+    np.testing.assert_allclose(
+      [p["score"] for p in result["predictions"]], expected[best], rtol=0, atol=1e-6
+    )
+  for result, reason in zip(
+    [results[i] for i in (1, 3, 4)], ("not found", "not an image", "truncated")
+  ):
     assert result["predictions"] == [] and reason in result["error"]
   assert "3 of 6 file(s) could not be classified" in captured.err
 
@@ -95,8 +105,8 @@ def test_text_output_and_exit_status_0(export_dir, tmp_path, capsys):
   # --top_k larger than the class count lists every class once.
   assert len(lines) == 2 * (1 + len(CLASS_NAMES))
   assert lines[0] == files[0] and lines[1 + len(CLASS_NAMES)] == files[1]
-  scores = [float(line.split()[0]) for line in lines[1:1 + len(CLASS_NAMES)]]
-  labels = [line.split()[1] for line in lines[1:1 + len(CLASS_NAMES)]]
+  scores = [float(line.split()[0]) for line in lines[1 : 1 + len(CLASS_NAMES)]]
+  labels = [line.split()[1] for line in lines[1 : 1 + len(CLASS_NAMES)]]
   assert sorted(labels) == sorted(CLASS_NAMES)
   assert scores == sorted(scores, reverse=True)
   assert abs(sum(scores) - 1.0) < 1e-3

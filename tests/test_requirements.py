@@ -6,30 +6,38 @@ platform with uv (needs the index and uv, so it is not in the default offline ru
 
     pip install uv && python -m pytest -q -m slow tests/test_requirements.py
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 
-import pytest
 from packaging.requirements import Requirement
+import pytest
 
-REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "requirements.txt")
+REQUIREMENTS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt"
+)
 
 
 def _environment(sys_platform, machine, python):
-  return {"sys_platform": sys_platform, "platform_machine": machine, "platform_system": {
-      "linux": "Linux", "darwin": "Darwin", "win32": "Windows"}[sys_platform],
-          "python_version": python, "python_full_version": python + ".0", "os_name": "posix",
-          "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+  return {
+    "sys_platform": sys_platform,
+    "platform_machine": machine,
+    "platform_system": {"linux": "Linux", "darwin": "Darwin", "win32": "Windows"}[sys_platform],
+    "python_version": python,
+    "python_full_version": python + ".0",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+  }
 
 
 PLATFORMS = {
-    "linux-x86_64": ("linux", "x86_64", "tensorflow-cpu"),
-    "linux-aarch64": ("linux", "aarch64", "tensorflow"),
-    "macos-arm64": ("darwin", "arm64", "tensorflow"),
+  "linux-x86_64": ("linux", "x86_64", "tensorflow-cpu"),
+  "linux-aarch64": ("linux", "aarch64", "tensorflow"),
+  "macos-arm64": ("darwin", "arm64", "tensorflow"),
 }
 
 
@@ -46,14 +54,16 @@ def test_one_tensorflow_package_per_platform(platform, python):
   env = _environment(sys_platform, machine, python)
   selected = {r.name for r in _requirements() if r.marker is None or r.marker.evaluate(env)}
   assert {n for n in selected if n.startswith("tensorflow") and n != "tensorflow-datasets"} == {
-      expected}
+    expected
+  }
   assert {"jax", "flax", "h5py", "tensorflow-datasets"} <= selected
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("python", ["3.11", "3.12"])
-@pytest.mark.parametrize("platform", ["aarch64-apple-darwin", "aarch64-manylinux_2_28",
-                                      "x86_64-manylinux_2_28"])
+@pytest.mark.parametrize(
+  "platform", ["aarch64-apple-darwin", "aarch64-manylinux_2_28", "x86_64-manylinux_2_28"]
+)
 def test_requirements_resolve_from_the_index(platform, python):
   """The whole file resolves to wheels for the platform (needs the index and `uv` on PATH).
 
@@ -66,9 +76,25 @@ def test_requirements_resolve_from_the_index(platform, python):
   if uv is None:
     pytest.skip("uv is not on PATH (pip install uv)")
   result = subprocess.run(
-      [uv, "pip", "compile", "--quiet", "--python-platform", platform, "--python-version",
-       python, "--only-binary", ":all:", "--no-binary", "promise", REQUIREMENTS],
-      capture_output=True, text=True, check=False)
+    [
+      uv,
+      "pip",
+      "compile",
+      "--quiet",
+      "--python-platform",
+      platform,
+      "--python-version",
+      python,
+      "--only-binary",
+      ":all:",
+      "--no-binary",
+      "promise",
+      REQUIREMENTS,
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   pinned = {line.split("==")[0] for line in result.stdout.splitlines() if "==" in line}
   expected = "tensorflow-cpu" if platform.startswith("x86_64") else "tensorflow"

@@ -3,6 +3,7 @@
 The separable layer is checked against convolutions built independently of it: lax convs for the
 two ends of the spectrum (regular and depthwise), NumPy split-convolve-concatenate for grouped.
 """
+
 import functools
 
 import flax.linen as nn
@@ -27,10 +28,15 @@ def _apply_layer(layer, x, seed=0):
 
 
 def _lax_conv(x, kernel, groups=1):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      feature_group_count=groups,
-                                      precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
 def _numpy_conv_same(x, kernel):
@@ -42,7 +48,7 @@ def _numpy_conv_same(x, kernel):
   out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
   for i in range(k):
     for j in range(k):
-      out += np.einsum("bhwm,mn->bhwn", padded[:, i:i + h, j:j + w], kernel[i, j])
+      out += np.einsum("bhwm,mn->bhwn", padded[:, i : i + h, j : j + w], kernel[i, j])
   return out
 
 
@@ -81,34 +87,41 @@ def test_grouped_conv_is_split_convolve_concatenate(segments):
   spatial = np.asarray(params["spatial"]["kernel"])
   assert spatial.shape == (3, 3, 16 // segments, 16)
   size = 16 // segments
-  pieces = [_numpy_conv_same(X[..., g * size:(g + 1) * size], spatial[..., g * size:(g + 1) * size])
-            for g in range(segments)]
-  expected = _pointwise(np.concatenate(pieces, axis=-1).astype(np.float32),
-                        params["pointwise"]["kernel"])
+  pieces = [
+    _numpy_conv_same(X[..., g * size : (g + 1) * size], spatial[..., g * size : (g + 1) * size])
+    for g in range(segments)
+  ]
+  expected = _pointwise(
+    np.concatenate(pieces, axis=-1).astype(np.float32), params["pointwise"]["kernel"]
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,activation", [("relu", jax.nn.relu), ("elu", jax.nn.elu)])
 def test_mid_activation_sits_between_spatial_and_pointwise(name, activation):
   params, out = _apply_layer(layers.SeparableConv(24, segments=4, mid_activation=name), X)
-  expected = _pointwise(activation(_lax_conv(X, params["spatial"]["kernel"], groups=4)),
-                        params["pointwise"]["kernel"])
+  expected = _pointwise(
+    activation(_lax_conv(X, params["spatial"]["kernel"], groups=4)), params["pointwise"]["kernel"]
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_pointwise_first_order_groups_the_output_channels():
   params, out = _apply_layer(
-      layers.SeparableConv(24, segments=6, order="pointwise_first", mid_activation="relu"), X)
+    layers.SeparableConv(24, segments=6, order="pointwise_first", mid_activation="relu"), X
+  )
   assert params["pointwise"]["kernel"].shape == (1, 1, 16, 24)
   assert params["spatial"]["kernel"].shape == (3, 3, 4, 24)
-  expected = _lax_conv(jax.nn.relu(_pointwise(X, params["pointwise"]["kernel"])),
-                       params["spatial"]["kernel"], groups=6)
+  expected = _lax_conv(
+    jax.nn.relu(_pointwise(X, params["pointwise"]["kernel"])), params["spatial"]["kernel"], groups=6
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_separable_layer_rejects_a_segment_count_that_does_not_divide():
-  with pytest.raises(ValueError,
-                     match=r"sep: segments=3 does not divide the 16 channels.*1, 2, 4, 8, 16"):
+  with pytest.raises(
+    ValueError, match=r"sep: segments=3 does not divide the 16 channels.*1, 2, 4, 8, 16"
+  ):
     layers.SeparableConv(24, segments=3, name="sep").init(jax.random.key(0), X)
 
 
@@ -134,20 +147,27 @@ def test_per_flow_segments_and_group_width_resolve_per_layer():
   assert dict(arch.layer_segments)["block2_sepconv1"] == 64 // 8
   assert dict(arch.layer_segments)["block14_sepconv2"] == 1536 // 8
   assert models.create("xception", group_width=1).architecture().layer_segments == (
-      models.create("xception").architecture().layer_segments)
+    models.create("xception").architecture().layer_segments
+  )
 
   pointwise_first = models.create("xception", segments=4, order="pointwise_first").architecture()
   # Pointwise-first groups the layer's output channels: block14_sepconv2 outputs 2048.
   shapes = jax.eval_shape(
-      functools.partial(models.create("xception_tiny", segments=4, order="pointwise_first").init,
-                        train=False), jax.random.key(0), jnp.zeros((1, 71, 71, 3)))
+    functools.partial(
+      models.create("xception_tiny", segments=4, order="pointwise_first").init, train=False
+    ),
+    jax.random.key(0),
+    jnp.zeros((1, 71, 71, 3)),
+  )
   tiny = shapes["params"]["block7_sepconv2"]
   assert tiny["pointwise"]["kernel"].shape == (1, 1, 192, 256)
   assert tiny["spatial"]["kernel"].shape == (3, 3, 64, 256)
   assert pointwise_first.segments("block14_sepconv2") == 4
 
 
-@pytest.mark.parametrize("kwargs,message", [
+@pytest.mark.parametrize(
+  "kwargs,message",
+  [
     (dict(segments=16), r"block4_sepconv2.*728 channels.*1, 2, 4, 7, 8, 13, 14, 26"),
     (dict(segments=3), r"segments=3 does not divide the 64 channels .*block2_sepconv1"),
     (dict(segments={"middle": 3}), r"block5_sepconv1 \(and 23 more layers of 728\)"),
@@ -165,7 +185,8 @@ def test_per_flow_segments_and_group_width_resolve_per_layer():
     (dict(widths=(32, 64)), r"widths needs 8 ints"),
     (dict(budget="flops"), r"budget must be None, 'params'"),
     (dict(dtype="float64"), r"Unknown compute dtype 'float64'"),
-])
+  ],
+)
 def test_invalid_settings_fail_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
     models.create("xception", **kwargs)
@@ -185,11 +206,14 @@ def _xla_flops(name, size, **kwargs):
   return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(),
     dict(segments=1),
     dict(segments=8, order="pointwise_first", fc_layers=(64,)),
-])
+  ],
+)
 def test_macs_agree_with_xla_cost_analysis(kwargs, monkeypatch):
   """XLA counts a multiply-add of a native convolution as 2 flops and skips taps on padding; BN,
   ReLU, pooling and adds are the small extras on top. Full widths (1 middle block, 71x71) keep the

@@ -4,6 +4,7 @@ The report is tested on run folders written here with known metrics, so every nu
 and every averaged point can be checked exactly; the end-to-end test (slow) runs a real tiny
 sweep on the embedded data, re-runs it, and reports on it.
 """
+
 import csv
 import importlib.util
 import json
@@ -39,8 +40,14 @@ sweep = _load_sweep_module()
 def _sweep(*args, timeout=120):
   # One CPU device per run (not conftest's 8 fake ones): faster to compile on a small machine.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, SWEEP_PY, *args], capture_output=True, text=True,
-                        cwd=REPO, timeout=timeout, env=env)
+  return subprocess.run(
+    [sys.executable, SWEEP_PY, *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=timeout,
+    env=env,
+  )
 
 
 def _commands(stdout):
@@ -60,8 +67,15 @@ def _flag(argv, name):
 
 
 def test_sweep_dry_run_prints_one_main_command_per_grid_point(tmp_path):
-  args = ["--config=configs/spectrum.py", "--segments=1,4,depthwise", "--budget=params,none",
-          "--seeds=2", f"--workdir_root={tmp_path}", "--dry_run", "--config.total_steps=7"]
+  args = [
+    "--config=configs/spectrum.py",
+    "--segments=1,4,depthwise",
+    "--budget=params,none",
+    "--seeds=2",
+    f"--workdir_root={tmp_path}",
+    "--dry_run",
+    "--config.total_steps=7",
+  ]
   result = _sweep(*args)
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
@@ -80,10 +94,12 @@ def test_sweep_dry_run_prints_one_main_command_per_grid_point(tmp_path):
     workdir = _flag(argv, "--workdir")
     assert os.path.dirname(workdir) == str(tmp_path)
     assert os.path.basename(workdir).startswith(
-        f"segments-{options['segments']}_budget-{options['budget']}_seed-{seed}_")
+      f"segments-{options['segments']}_budget-{options['budget']}_seed-{seed}_"
+    )
     grid.add((options["segments"], options["budget"], seed, workdir))
-  assert {g[:3] for g in grid} == {(s, b, seed) for s in ("1", "4", "depthwise")
-                                   for b in ("params", "none") for seed in (0, 1)}
+  assert {g[:3] for g in grid} == {
+    (s, b, seed) for s in ("1", "4", "depthwise") for b in ("params", "none") for seed in (0, 1)
+  }
   assert len({g[3] for g in grid}) == 12  # one workdir per run
 
   # Stable: the same command gives the same ids; other overrides give other ids; the seeds of
@@ -113,8 +129,13 @@ def _fake_run(workdir, total_steps, checkpoint_steps, metrics=(), config=None, r
 
 
 def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
-  args = ["--config=configs/spectrum.py:runlocal", "--segments=1,depthwise", "--seeds=1",
-          f"--workdir_root={tmp_path}", "--dry_run"]
+  args = [
+    "--config=configs/spectrum.py:runlocal",
+    "--segments=1,depthwise",
+    "--seeds=1",
+    f"--workdir_root={tmp_path}",
+    "--dry_run",
+  ]
   first = _commands(_sweep(*args).stdout)
   finished, unfinished = (_flag(argv, "--workdir") for argv in first)
   _fake_run(finished, 20, [10, 20])
@@ -133,23 +154,38 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
 
 
 def test_sweep_hands_runs_to_a_cluster_launcher(tmp_path):
-  result = _sweep("--config=configs/spectrum.py", "--segments=1,8", "--seeds=1",
-                  f"--workdir_root={tmp_path}", "--dry_run", "--launcher=slurm",
-                  "--launcher_args=--nodes=2 --gpus-per-node=4")
+  result = _sweep(
+    "--config=configs/spectrum.py",
+    "--segments=1,8",
+    "--seeds=1",
+    f"--workdir_root={tmp_path}",
+    "--dry_run",
+    "--launcher=slurm",
+    "--launcher_args=--nodes=2 --gpus-per-node=4",
+  )
   assert result.returncode == 0, result.stderr
-  via = [shlex.split(line.split("via: ", 1)[1]) for line in result.stdout.splitlines()
-         if line.startswith("#   via: ")]
+  via = [
+    shlex.split(line.split("via: ", 1)[1])
+    for line in result.stdout.splitlines()
+    if line.startswith("#   via: ")
+  ]
   mains = _commands(result.stdout)
   assert len(via) == len(mains) == 2
   for wrapped, main in zip(via, mains):
     run_id = os.path.basename(_flag(main, "--workdir"))
     separator = wrapped.index("--")
-    assert wrapped[:separator] == [os.path.join(REPO, "launch", "slurm.sh"), "--nodes=2",
-                                   "--gpus-per-node=4", f"--job-name={run_id}"]
-    assert wrapped[separator + 1:] == main[3:]  # the same main args
+    assert wrapped[:separator] == [
+      os.path.join(REPO, "launch", "slurm.sh"),
+      "--nodes=2",
+      "--gpus-per-node=4",
+      f"--job-name={run_id}",
+    ]
+    assert wrapped[separator + 1 :] == main[3:]  # the same main args
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--segments=1,three"], "--segments: 'three' is not a segment count"),
     (["--segments=1,1"], "lists a value twice"),
     (["--segments=1", "--budget=maybe"], "--budget: 'maybe' is not valid; valid: params, none"),
@@ -159,7 +195,8 @@ def test_sweep_hands_runs_to_a_cluster_launcher(tmp_path):
     (["--segments=1", "--learning-rate=3"], "unrecognised argument '--learning-rate=3'"),
     (["--segments=1", "--config=configs/nope.py"], "no config file 'configs/nope.py'"),
     (["--segments=4", "--config=configs/spectrum.py:segments=8"], "sets 'segments'"),
-])
+  ],
+)
 def test_sweep_rejects_bad_input(tmp_path, args, message):
   if not any(a.startswith("--config=") for a in args):
     args = ["--config=configs/spectrum.py", *args]
@@ -186,39 +223,92 @@ def _write_known_runs(root):
   for segments in ("1", "4", "depthwise"):
     for budget in ("", "params"):
       for seed in (0, 1):
-        model = dict(segments=segments, budget=budget, order="depthwise_first",
-                     mid_activation="none", residual=True, dropout_rate=0.5)
-        cost = costs.model_cost(MODEL, image_size=IMAGE_SIZE, num_classes=10,
-                                **{**model, "budget": budget or None})
+        model = dict(
+          segments=segments,
+          budget=budget,
+          order="depthwise_first",
+          mid_activation="none",
+          residual=True,
+          dropout_rate=0.5,
+        )
+        cost = costs.model_cost(
+          MODEL, image_size=IMAGE_SIZE, num_classes=10, **{**model, "budget": budget or None}
+        )
         g = dict(cost.architecture.layer_segments)["block5_sepconv1"]
         final = _final_top1(g, seed, budget)
         speeds = [3.0, 100.0 + seed, 120.0 + seed, 110.0 + seed]  # the first includes compiling
         metrics = []
         for i, step in enumerate((2, 4, 6, 8)):
-          metrics.append({"step": step, "train/loss": 2.0 - 0.1 * i, "train/top1": 0.1 * i,
-                          "train/images_per_sec": speeds[i]})
+          metrics.append(
+            {
+              "step": step,
+              "train/loss": 2.0 - 0.1 * i,
+              "train/top1": 0.1 * i,
+              "train/images_per_sec": speeds[i],
+            }
+          )
           if step % 4 == 0:
             top1 = final if step == 8 else final + 0.03  # the best is not the last
-            metrics.append({"step": step, "eval/loss": 1.0 + step / 100, "eval/top1": top1 - 0.01,
-                            "eval/ema_top1": top1, "eval/top5": 0.9, "eval/examples": 600})
+            metrics.append(
+              {
+                "step": step,
+                "eval/loss": 1.0 + step / 100,
+                "eval/top1": top1 - 0.01,
+                "eval/ema_top1": top1,
+                "eval/top5": 0.9,
+                "eval/examples": 600,
+              }
+            )
         name = f"seg{segments}_budget{budget or 'none'}_seed{seed}"
-        _fake_run(os.path.join(root, "sweep", name), 8, [4, 8], metrics,
-                  config=dict(model_name=MODEL, model=model, image_size=IMAGE_SIZE, seed=seed,
-                              batch_size=16, dataset="embedded_shapes", best_metric=""),
-                  run_info=dict(num_params=cost.params, num_classes=10, multi_label=False,
-                                devices=1, dataset="embedded_shapes"))
+        _fake_run(
+          os.path.join(root, "sweep", name),
+          8,
+          [4, 8],
+          metrics,
+          config=dict(
+            model_name=MODEL,
+            model=model,
+            image_size=IMAGE_SIZE,
+            seed=seed,
+            batch_size=16,
+            dataset="embedded_shapes",
+            best_metric="",
+          ),
+          run_info=dict(
+            num_params=cost.params,
+            num_classes=10,
+            multi_label=False,
+            devices=1,
+            dataset="embedded_shapes",
+          ),
+        )
         expected[os.path.join("sweep", name)] = dict(
-            segments=segments, budget=budget or "none", seed=seed, g=g, final=final,
-            best=final + 0.03, params=cost.params, macs=cost.macs_total,
-            images_per_sec=110.0 + seed)
-  _fake_run(os.path.join(root, "unfinished"), 8, [4],
-            [{"step": 4, "train/loss": 2.0, "eval/ema_top1": 0.99}],
-            config=dict(model_name=MODEL, model=dict(segments="2"), image_size=IMAGE_SIZE, seed=0),
-            run_info=dict(num_params=1, num_classes=10))
-  _fake_run(os.path.join(root, "inception"), 2, [2],
-            [{"step": 2, "train/loss": 2.0, "train/images_per_sec": 50.0, "eval/ema_top1": 0.7}],
-            config=dict(model_name="inception_v3_tiny", model={}, image_size=80, seed=0),
-            run_info=dict(num_params=123, num_classes=10))
+          segments=segments,
+          budget=budget or "none",
+          seed=seed,
+          g=g,
+          final=final,
+          best=final + 0.03,
+          params=cost.params,
+          macs=cost.macs_total,
+          images_per_sec=110.0 + seed,
+        )
+  _fake_run(
+    os.path.join(root, "unfinished"),
+    8,
+    [4],
+    [{"step": 4, "train/loss": 2.0, "eval/ema_top1": 0.99}],
+    config=dict(model_name=MODEL, model=dict(segments="2"), image_size=IMAGE_SIZE, seed=0),
+    run_info=dict(num_params=1, num_classes=10),
+  )
+  _fake_run(
+    os.path.join(root, "inception"),
+    2,
+    [2],
+    [{"step": 2, "train/loss": 2.0, "train/images_per_sec": 50.0, "eval/ema_top1": 0.7}],
+    config=dict(model_name="inception_v3_tiny", model={}, image_size=80, seed=0),
+    run_info=dict(num_params=123, num_classes=10),
+  )
   return expected
 
 
@@ -235,7 +325,11 @@ def test_report_csv_and_plots_from_known_runs(tmp_path):
     row = rows[run]
     assert row["status"] == "finished" and row["step"] == "8" and row["total_steps"] == "8"
     assert (row["model_name"], row["segments"], row["budget"], row["seed"]) == (
-        MODEL, want["segments"], want["budget"], str(want["seed"]))
+      MODEL,
+      want["segments"],
+      want["budget"],
+      str(want["seed"]),
+    )
     assert int(row["params"]) == want["params"] == int(row["analytic_params"])
     assert int(row["macs"]) == want["macs"]
     assert int(row["middle_segments"]) == want["g"]
@@ -262,8 +356,11 @@ def test_report_csv_and_plots_from_known_runs(tmp_path):
     budget = label.split("=")[1]
     assert [p["segments"] for p in points] == ["1", "4", "depthwise"]
     for p in points:
-      finals = [w["final"] for w in expected.values()
-                if w["budget"] == budget and w["segments"] == p["segments"]]
+      finals = [
+        w["final"]
+        for w in expected.values()
+        if w["budget"] == budget and w["segments"] == p["segments"]
+      ]
       assert p["n"] == 2 and p["x"] == pytest.approx(math.log2(p["G"]))
       assert p["mean"] == pytest.approx(statistics.fmean(finals))
       assert p["std"] == pytest.approx(statistics.stdev(finals))
@@ -286,11 +383,17 @@ def test_report_refuses_a_folder_without_runs(tmp_path):
 def test_report_reads_a_resumed_run_as_its_latest_attempt():
   """Attempt 1 logged steps 2, 4, 6 and was killed after checkpointing step 4; attempt 2 resumed
   from step 4 and logged 6 and 8: attempt 1's step 6 is superseded."""
-  records = [{"step": 2, "train/loss": 3.0}, {"step": 4, "train/loss": 2.5},
-             {"step": 4, "eval/ema_top1": 0.4}, {"step": 6, "train/loss": 2.0},
-             {"step": 6, "eval/ema_top1": 0.9},  # lost with attempt 1
-             {"step": 6, "train/loss": 2.1}, {"step": 6, "eval/ema_top1": 0.5},
-             {"step": 8, "train/loss": 1.8}, {"step": 8, "eval/ema_top1": 0.45}]
+  records = [
+    {"step": 2, "train/loss": 3.0},
+    {"step": 4, "train/loss": 2.5},
+    {"step": 4, "eval/ema_top1": 0.4},
+    {"step": 6, "train/loss": 2.0},
+    {"step": 6, "eval/ema_top1": 0.9},  # lost with attempt 1
+    {"step": 6, "train/loss": 2.1},
+    {"step": 6, "eval/ema_top1": 0.5},
+    {"step": 8, "train/loss": 1.8},
+    {"step": 8, "eval/ema_top1": 0.45},
+  ]
   series = runs.metric_series(records)
   assert series["train/loss"] == [(2, 3.0), (4, 2.5), (6, 2.1), (8, 1.8)]
   assert series["eval/ema_top1"] == [(4, 0.4), (6, 0.5), (8, 0.45)]
@@ -299,9 +402,14 @@ def test_report_reads_a_resumed_run_as_its_latest_attempt():
 
 
 def test_report_survives_a_torn_metrics_line(tmp_path):
-  _fake_run(str(tmp_path / "run"), 4, [4], [{"step": 4, "train/loss": 1.5, "eval/ema_top1": 0.5}],
-            config=dict(model_name=MODEL, model={}, image_size=IMAGE_SIZE, seed=0),
-            run_info=dict(num_params=1, num_classes=10))
+  _fake_run(
+    str(tmp_path / "run"),
+    4,
+    [4],
+    [{"step": 4, "train/loss": 1.5, "eval/ema_top1": 0.5}],
+    config=dict(model_name=MODEL, model={}, image_size=IMAGE_SIZE, seed=0),
+    run_info=dict(num_params=1, num_classes=10),
+  )
   with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
     f.write('{"step": 5, "train/lo')  # killed mid-write
   rows = runs.collect(str(tmp_path))
@@ -322,12 +430,22 @@ def tfds_data_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_rerun_skips_then_report(tmp_path, tfds_data_dir):
   root = tmp_path / "sweep"
-  args = ["--config=configs/spectrum.py", "--segments=1,depthwise", "--budget=params", "--seeds=2",
-          "--runlocal", f"--workdir_root={root}", "--config.total_steps=4",
-          "--config.log_every_steps=2", "--config.eval_every_steps=2",
-          "--config.checkpoint_every_steps=2", "--config.image_size=72",
-          "--config.batch_size=16", "--config.eval_batch_size=200",
-          f"--config.data_dir={tfds_data_dir}"]
+  args = [
+    "--config=configs/spectrum.py",
+    "--segments=1,depthwise",
+    "--budget=params",
+    "--seeds=2",
+    "--runlocal",
+    f"--workdir_root={root}",
+    "--config.total_steps=4",
+    "--config.log_every_steps=2",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.image_size=72",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=200",
+    f"--config.data_dir={tfds_data_dir}",
+  ]
   first = _sweep(*args, timeout=1800)
   assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
   assert "[sweep] 4 runs: 4 ran, 0 already finished, 0 failed." in first.stdout
@@ -352,15 +470,23 @@ def test_tiny_sweep_end_to_end_rerun_skips_then_report(tmp_path, tfds_data_dir):
   assert sweep.run_status(interrupted).state == "finished"
 
   out = tmp_path / "report"
-  reported = subprocess.run([sys.executable, "-m", "xception_jax.tools.report", f"--root={root}",
-                             f"--out={out}"], capture_output=True, text=True, cwd=REPO,
-                            timeout=600)
+  reported = subprocess.run(
+    [sys.executable, "-m", "xception_jax.tools.report", f"--root={root}", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   assert reported.returncode == 0, reported.stderr[-5000:]
   assert "4 runs (4 finished)" in reported.stdout
   with open(out / "runs.csv") as f:
     rows = list(csv.DictReader(f))
   assert sorted((r["segments"], r["seed"]) for r in rows) == [
-      ("1", "0"), ("1", "1"), ("depthwise", "0"), ("depthwise", "1")]
+    ("1", "0"),
+    ("1", "1"),
+    ("depthwise", "0"),
+    ("depthwise", "1"),
+  ]
   for row in rows:
     with open(os.path.join(root, row["run"], "run.json")) as f:
       run = json.load(f)
@@ -374,5 +500,6 @@ def test_tiny_sweep_end_to_end_rerun_skips_then_report(tmp_path, tfds_data_dir):
     assert float(row["final"]) == pytest.approx(evals[4])
     assert float(row["best"]) == pytest.approx(max(evals.values()))
   for name in ["curves.png", "spectrum.png", "tradeoffs.png"] + [
-      os.path.join("curves", r["run"] + ".png") for r in rows]:
+    os.path.join("curves", r["run"] + ".png") for r in rows
+  ]:
     assert (out / name).stat().st_size > 10_000, name

@@ -1,4 +1,5 @@
 """The training job: sharded step == single device, grad accumulation, exact resume, NaN guard."""
+
 import json
 import os
 import signal
@@ -7,9 +8,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import quickstart
 from xception_jax import checkpointing
@@ -36,8 +39,11 @@ def tiny_config(**overrides):
 
 
 def _mesh(devices):
-  return Mesh(np.array(devices).reshape(-1, 1), ("data", "model"),
-              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return Mesh(
+    np.array(devices).reshape(-1, 1),
+    ("data", "model"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
 
 
 def _one_step(config, devices, batch):
@@ -45,8 +51,13 @@ def _one_step(config, devices, batch):
   tx, schedule = optim.create_optimizer(config, 100.0, 100)
   mesh = _mesh(devices)
   state, shardings = steps.create_train_state(model, tx, config.image_size, mesh, config.seed)
-  step = steps.jit_train_step(steps.make_train_step(
-      config, model, tx, schedule, steps.make_loss_fn("softmax", 10, 0.0), False), shardings, mesh)
+  step = steps.jit_train_step(
+    steps.make_train_step(
+      config, model, tx, schedule, steps.make_loss_fn("softmax", 10, 0.0), False
+    ),
+    shardings,
+    mesh,
+  )
   state, metrics = step(state, data.to_global(batch, NamedSharding(mesh, P("data"))))
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -54,8 +65,10 @@ def _one_step(config, devices, batch):
 def _random_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   size = config.image_size
-  return {"image": rng.uniform(-1, 1, (config.batch_size, size, size, 3)).astype(np.float32),
-          "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}
+  return {
+    "image": rng.uniform(-1, 1, (config.batch_size, size, size, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, config.batch_size).astype(np.int32),
+  }
 
 
 def test_sharded_step_over_8_devices_matches_one_device():
@@ -89,16 +102,21 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   # The same by hand: micro-batch i holds rows i, i+2, ... ; BN statistics per micro-batch.
   model = models.create_model(config, num_classes=10)
   tx, _ = optim.create_optimizer(config, 100.0, 100)
-  state, _ = steps.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
-                                      config.seed)
+  state, _ = steps.create_train_state(
+    model, tx, config.image_size, _mesh(jax.devices()[:1]), config.seed
+  )
   loss_fn = steps.make_loss_fn("softmax", 10, 0.0)
   base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
 
   def micro_loss(params, batch_stats, index):
     rows = slice(index, None, 2)
-    logits, mutated = model.apply({"params": params, "batch_stats": batch_stats},
-                                  batch["image"][rows], train=True, mutable=["batch_stats"],
-                                  rngs={"dropout": jax.random.fold_in(base_rng, index)})
+    logits, mutated = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      batch["image"][rows],
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.fold_in(base_rng, index)},
+    )
     return jnp.mean(loss_fn(logits, batch["label"][rows])), mutated["batch_stats"]
 
   micro_grad = jax.jit(jax.grad(micro_loss, has_aux=True), static_argnums=2)
@@ -141,8 +159,9 @@ def test_resume_after_sigterm_is_exact(tmp_path):
   def send_sigterm_after_step_2():
     deadline = time.time() + 300
     while time.time() < deadline:
-      if metrics_file.exists() and any(json.loads(l)["step"] >= 2
-                                       for l in metrics_file.read_text().splitlines()):
+      if metrics_file.exists() and any(
+        json.loads(l)["step"] >= 2 for l in metrics_file.read_text().splitlines()
+      ):
         os.kill(os.getpid(), signal.SIGTERM)
         return
       time.sleep(0.01)
@@ -169,8 +188,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
   real_iterator = data.create_train_iterator
 
   def poisoned(config, info, start_step=0, **kwargs):
-    for step, batch in enumerate(real_iterator(config, info, start_step=start_step, **kwargs),
-                                 start=start_step):
+    for step, batch in enumerate(
+      real_iterator(config, info, start_step=start_step, **kwargs), start=start_step
+    ):
       if step == 3:  # the 4th step sees a NaN image
         batch = {**batch, "image": np.full(batch["image"].shape, np.nan, np.float32)}
       yield batch
@@ -190,19 +210,23 @@ def test_init_from_another_run_replaces_the_head_for_a_new_class_count(tmp_path)
   config.num_classes = 12  # more classes than the data has: a new head
   model = models.create_model(config, num_classes=12)
   tx, _ = optim.create_optimizer(config, 100.0, 100)
-  state, _ = steps.create_train_state(model, tx, config.image_size, _mesh(jax.devices()[:1]),
-                                      config.seed)
+  state, _ = steps.create_train_state(
+    model, tx, config.image_size, _mesh(jax.devices()[:1]), config.seed
+  )
   state = train.load_pretrained(config, model, state)
   # Separate buffers for the weights and their EMA: the train step donates the state, and XLA
   # refuses (or crashes on) the same buffer donated twice.
   pointer = lambda x: x.addressable_shards[0].data.unsafe_buffer_pointer()  # noqa: E731
-  for raw, ema in zip(jax.tree.leaves(state.params) + jax.tree.leaves(state.batch_stats),
-                      jax.tree.leaves(state.ema_params) + jax.tree.leaves(state.ema_batch_stats)):
+  for raw, ema in zip(
+    jax.tree.leaves(state.params) + jax.tree.leaves(state.batch_stats),
+    jax.tree.leaves(state.ema_params) + jax.tree.leaves(state.ema_batch_stats),
+  ):
     assert pointer(raw) != pointer(ema)
   loaded = checkpointing.load_variables(str(source), use_ema=True)
   flat_new = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
-  flat_old = {jax.tree_util.keystr(p): v for p, v in
-              jax.tree_util.tree_flatten_with_path(loaded["params"])[0]}
+  flat_old = {
+    jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded["params"])[0]
+  }
   replaced = []
   for path, value in flat_new:
     key = jax.tree_util.keystr(path)

@@ -5,6 +5,7 @@ Most tests fill `jax.eval_shape(model.init)` with NumPy-random values instead of
 `model.init`: compiling jax's random number generators for every kernel takes far longer on a
 2-core CPU than the forward pass itself. One test runs the real `init` for the contract.
 """
+
 import functools
 
 import flax.linen as nn
@@ -27,8 +28,11 @@ def _count(tree):
 
 
 def _shapes(model, size=(71, 71)):
-  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                        jax.ShapeDtypeStruct((1, *size, 3), jnp.float32))
+  return jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, *size, 3), jnp.float32),
+  )
 
 
 def _random_variables(model, size=(80, 80), seed=0):
@@ -51,8 +55,9 @@ def _random_variables(model, size=(80, 80), seed=0):
 
 
 def _images(size=(80, 80), batch=2, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, size=(batch, *size, 3)),
-                     jnp.float32)
+  return jnp.asarray(
+    np.random.default_rng(seed).uniform(-1, 1, size=(batch, *size, 3)), jnp.float32
+  )
 
 
 def _record(model, variables, images, **kwargs):
@@ -82,7 +87,8 @@ def test_reference_counts_match_the_paper_and_keras():
   assert _count(shapes["params"]) == 22_855_952
   assert _count(shapes["batch_stats"]) == 54_528
   assert _count(_shapes(models.create("xception", num_classes=0), (299, 299))["params"]) == (
-      20_806_952)
+    20_806_952
+  )
   cost = costs.model_cost("xception")
   assert (cost.params, cost.batch_stat_entries) == (22_855_952, 54_528)
   # Only the classifier has a bias; BN has scale and bias; every other leaf is a kernel.
@@ -103,12 +109,14 @@ def test_init_apply_contract():
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
   assert logits.shape == (4, 5) and logits.dtype == jnp.float32
 
-  train_step = jax.jit(lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                     rngs={"dropout": key}))
+  train_step = jax.jit(
+    lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+  )
   train_logits, updates = train_step(variables, images, jax.random.key(1))
   assert train_logits.shape == (4, 5)
-  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
-                       updates["batch_stats"])
+  moved = jax.tree.map(
+    lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
+  )
   assert all(jax.tree.leaves(moved)), "every batch-norm statistic should move in training"
   other_key = train_step(variables, images, jax.random.key(2))[0]
   assert not np.allclose(train_logits, other_key), "dropout should depend on the rng"
@@ -130,8 +138,9 @@ def test_input_smaller_than_71_fails_before_compiling():
   with pytest.raises(ValueError, match=r"at least 71x71 pixels, got 70x80"):
     _shapes(model, (70, 80))
   with pytest.raises(ValueError, match=r"images of shape \[batch, height, width, channels\]"):
-    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                   jnp.zeros((80, 80, 3)))
+    jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((80, 80, 3))
+    )
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -171,8 +180,10 @@ def test_relus_and_shortcuts_sit_where_keras_puts_them(residual):
   # Batch norm with the Keras epsilon (1e-3), from the moving statistics in eval mode.
   bn = variables["params"]["block5_sepconv1_bn"], variables["batch_stats"]["block5_sepconv1_bn"]
   x = into("block5_sepconv1_bn")
-  close(out("block5_sepconv1_bn"),
-        (x - bn[1]["mean"]) / np.sqrt(bn[1]["var"] + 1e-3) * bn[0]["scale"] + bn[0]["bias"])
+  close(
+    out("block5_sepconv1_bn"),
+    (x - bn[1]["mean"]) / np.sqrt(bn[1]["var"] + 1e-3) * bn[0]["scale"] + bn[0]["bias"],
+  )
   assert layers.BatchNorm().momentum == 0.99
 
 
@@ -182,16 +193,23 @@ def test_fc_layers_and_dropout_sit_before_the_classifier():
   assert variables["params"]["fc1"]["kernel"].shape == (256, 32)
   assert variables["params"]["fc2"]["kernel"].shape == (32, 16)
   assert variables["params"]["predictions"]["kernel"].shape == (16, 3)
-  _, calls = _record(model, variables, _images(), train=True, mutable=["batch_stats"],
-                     rngs={"dropout": jax.random.key(0)})
+  _, calls = _record(
+    model,
+    variables,
+    _images(),
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": jax.random.key(0)},
+  )
   fc2_in, fc2_out = calls["fc2"]
   np.testing.assert_allclose(fc2_in, jax.nn.relu(calls["fc1"][1]), rtol=1e-6)
   dropout_in, dropout_out = calls["Dropout_0"]
   np.testing.assert_allclose(dropout_in, jax.nn.relu(fc2_out), rtol=1e-6)
   kept = np.asarray(dropout_out) != 0
   assert 0 < kept.mean() < 1
-  np.testing.assert_allclose(np.asarray(dropout_out)[kept], np.asarray(dropout_in)[kept] * 2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(dropout_out)[kept], np.asarray(dropout_in)[kept] * 2, rtol=1e-6
+  )
   np.testing.assert_array_equal(calls["predictions"][0], dropout_out)
   # In eval mode dropout is the identity.
   _, eval_calls = _record(model, variables, _images(), train=False)
@@ -207,15 +225,23 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   assert logits.dtype == jnp.float32
   assert calls["block5_sepconv1/spatial"][1].dtype == jnp.bfloat16
   assert calls["block5_sepconv1_bn"][1].dtype == jnp.bfloat16
-  reference = jax.jit(functools.partial(models.create("xception_tiny", num_classes=4).apply,
-                                         train=False))(variables, _images())
-  np.testing.assert_allclose(logits, reference, rtol=0.1,
-                             atol=0.1 * float(jnp.abs(reference).max()))
+  reference = jax.jit(
+    functools.partial(models.create("xception_tiny", num_classes=4).apply, train=False)
+  )(variables, _images())
+  np.testing.assert_allclose(
+    logits, reference, rtol=0.1, atol=0.1 * float(jnp.abs(reference).max())
+  )
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(residual=False, num_middle_blocks=0),
-                                    dict(fc_layers=(16, 8), segments=2, order="pointwise_first"),
-                                    dict(num_classes=0, fc_layers=(16,))])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(),
+    dict(residual=False, num_middle_blocks=0),
+    dict(fc_layers=(16, 8), segments=2, order="pointwise_first"),
+    dict(num_classes=0, fc_layers=(16,)),
+  ],
+)
 def test_the_description_names_every_variable_of_the_module(kwargs):
   """Walking xception_arch's description (stem, blocks) and the head yields exactly the module's
   variables, with the widths of the slots each layer maps between."""
@@ -234,7 +260,11 @@ def test_the_description_names_every_variable_of_the_module(kwargs):
     assert params[name]["kernel"].shape[-1] == arch.width(slot)
   for layer in separables:
     assert params[layer.name]["pointwise"]["kernel"].shape == (
-        1, 1, arch.width(layer.in_slot), arch.width(layer.out_slot))
+      1,
+      1,
+      arch.width(layer.in_slot),
+      arch.width(layer.out_slot),
+    )
   assert [layer.name for layer in separables] == [name for name, _ in arch.layer_segments]
   body = [name for name, _ in convs] + [layer.name for layer in separables]
   norms = {xception_arch.bn_name(name) for name in body}
@@ -256,12 +286,18 @@ def test_width_multiplier_and_middle_blocks_shape_the_network():
 
 
 def test_registry_names_and_errors():
-  assert {"xception", "xception_small", "xception_tiny", "inception_v3",
-          "inception_v3_tiny"} <= set(models.list_models())
+  assert {
+    "xception",
+    "xception_small",
+    "xception_tiny",
+    "inception_v3",
+    "inception_v3_tiny",
+  } <= set(models.list_models())
   with pytest.raises(ValueError, match=r"Unknown model 'xceptoin'; known models: .*xception_tiny"):
     models.create("xceptoin")
-  with pytest.raises(ValueError,
-                     match=r"unknown keyword argument\(s\) \['segment'\]; valid: .*segments"):
+  with pytest.raises(
+    ValueError, match=r"unknown keyword argument\(s\) \['segment'\]; valid: .*segments"
+  ):
     models.create("xception_tiny", segment=4)
   # Registry defaults are overridable; dicts from configs make hashable modules.
   model = models.create("xception_tiny", num_middle_blocks=2, segments={"middle": 4})
@@ -277,9 +313,16 @@ def test_validation_does_not_depend_on_what_was_cached():
     models.create("xception_tiny", segments=True)
 
 
-@pytest.mark.parametrize("setting", [dict(segments=1), dict(segments=4), dict(group_width=16),
-                                     dict(segments={"entry": 2, "middle": 7}),
-                                     dict(segments=2, order="pointwise_first")])
+@pytest.mark.parametrize(
+  "setting",
+  [
+    dict(segments=1),
+    dict(segments=4),
+    dict(group_width=16),
+    dict(segments={"entry": 2, "middle": 7}),
+    dict(segments=2, order="pointwise_first"),
+  ],
+)
 def test_budget_solver_matches_xception_params_within_one_percent(setting):
   model = models.create("xception", budget="params", **setting)
   arch = model.architecture()
@@ -310,9 +353,12 @@ def test_budget_solver_with_an_explicit_target_and_an_impossible_one():
 
 def test_solve_widths_on_a_known_function():
   """params = sum(w^2): reaching 2x the base count scales the widths by about sqrt(2)."""
-  solution = budget_lib.solve_widths(base_widths=(640, 1280), quanta=(8, 16),
-                                     target=2 * (640**2 + 1280**2),
-                                     count_params=lambda w: sum(x * x for x in w))
+  solution = budget_lib.solve_widths(
+    base_widths=(640, 1280),
+    quanta=(8, 16),
+    target=2 * (640**2 + 1280**2),
+    count_params=lambda w: sum(x * x for x in w),
+  )
   assert abs(solution.ratio - 1) <= 0.01
   assert solution.widths[0] % 8 == 0 and solution.widths[1] % 16 == 0
   assert abs(solution.widths[0] / 640 - 2**0.5) < 0.02

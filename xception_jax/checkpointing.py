@@ -13,6 +13,7 @@ Readers (export, init_from, the tests) use `read_state`, which picks `latest`, `
 among the finished checkpoints and, when a running trainer deletes the one being read (old steps
 go as new ones are written), picks again; failures end in one `CheckpointError` line.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,12 @@ from orbax.checkpoint import checkpoint_managers
 from xception_jax import paths
 from xception_jax import workdir
 
-
 # The train state is replicated (data parallelism): one replica writes each array. orbax's
 # default replica-parallel save slices every array per replica and compiles a slice per shape,
 # which costs seconds per save with 8 devices and buys nothing at this state size.
 ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+)
 
 
 class CheckpointError(ValueError):
@@ -54,8 +55,9 @@ def _metric_fn(metric: str, mode: str):
   return lambda metrics: float(metrics.get(metric, missing))
 
 
-def create_manager(workdir: paths.PathLike, *, keep: int, best_metric: str,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: paths.PathLike, *, keep: int, best_metric: str, read_only: bool = False
+) -> ocp.CheckpointManager:
   """A manager that keeps the last `keep` checkpoints and the best one by `best_metric`.
 
   `best_fn` makes orbax write the metrics passed to `save` into each step (`metrics/`), which is
@@ -64,27 +66,34 @@ def create_manager(workdir: paths.PathLike, *, keep: int, best_metric: str,
   """
   mode = best_mode(best_metric)
   get_metric = _metric_fn(best_metric, mode)
-  policy = checkpoint_managers.AnyPreservationPolicy([
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
       checkpoint_managers.LatestN(n=max(int(keep), 1)),
-      checkpoint_managers.BestN(get_metric_fn=get_metric, reverse=mode == "min", n=1,
-                                keep_checkpoints_without_metrics=False),
-  ])
+      checkpoint_managers.BestN(
+        get_metric_fn=get_metric, reverse=mode == "min", n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      best_fn=get_metric, best_mode=mode, keep_checkpoints_without_metrics=True,
-      preservation_policy=None if read_only else policy,
-      enable_async_checkpointing=not read_only,
-      create=not read_only,
-      read_only=read_only,
+    best_fn=get_metric,
+    best_mode=mode,
+    keep_checkpoints_without_metrics=True,
+    preservation_policy=None if read_only else policy,
+    enable_async_checkpointing=not read_only,
+    create=not read_only,
+    read_only=read_only,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state",))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: dict[str, float] | None = None) -> None:
+def save(
+  manager: ocp.CheckpointManager, step: int, state: Any, metrics: dict[str, float] | None = None
+) -> None:
   """Starts an asynchronous save of `state` at `step`, with the eval metrics when there are any."""
   metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-               metrics=metrics, force=True)
+  manager.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics=metrics, force=True
+  )
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, int] | None:
@@ -93,7 +102,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
   if step is None:
     return None
   restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+  )
   logging.info("Resumed from %s at step %d.", manager.directory, step)
   return restored["state"], step
 
@@ -132,13 +142,15 @@ def _best_step(directory: paths.Path, best_metric: str) -> int | None:
     manager.close()
 
 
-def _pick(directory: paths.Path, request: int | str, steps: list[int],
-          best_metric: str | None) -> int:
+def _pick(
+  directory: paths.Path, request: int | str, steps: list[int], best_metric: str | None
+) -> int:
   where = f"{directory}"
   if not steps:
     raise CheckpointError(
-        f"No checkpoint in {where} yet: the run writes the first one at its first "
-        "checkpoint_every_steps, eval or preemption step.")
+      f"No checkpoint in {where} yet: the run writes the first one at its first "
+      "checkpoint_every_steps, eval or preemption step."
+    )
   if request == "latest":
     return steps[-1]
   if request == "best":
@@ -147,17 +159,25 @@ def _pick(directory: paths.Path, request: int | str, steps: list[int],
     best = _best_step(directory, best_metric)
     if best is None:
       raise CheckpointError(
-          f"No checkpoint in {where} has eval metrics yet, so none is 'best' by {best_metric}; "
-          f"use --checkpoint=latest or a step of {steps}.")
+        f"No checkpoint in {where} has eval metrics yet, so none is 'best' by {best_metric}; "
+        f"use --checkpoint=latest or a step of {steps}."
+      )
     return best
   if request not in steps:
-    raise CheckpointError(f"No checkpoint step {request} in {where}; available steps: {steps} "
-                          "(or --checkpoint=latest / best).")
+    raise CheckpointError(
+      f"No checkpoint step {request} in {where}; available steps: {steps} "
+      "(or --checkpoint=latest / best)."
+    )
   return int(request)
 
 
-def read_state(path: paths.PathLike, step: int | str | None = None, *,
-               best_metric: str | None = None, attempts: int = 5) -> tuple[dict[str, Any], int]:
+def read_state(
+  path: paths.PathLike,
+  step: int | str | None = None,
+  *,
+  best_metric: str | None = None,
+  attempts: int = 5,
+) -> tuple[dict[str, Any], int]:
   """Reads a saved train state as a tree of numpy arrays, on any number of devices.
 
   Args:
@@ -185,27 +205,42 @@ def read_state(path: paths.PathLike, step: int | str | None = None, *,
       still_there = chosen in finished_steps(directory)
       if still_there and attempt >= 1:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"Cannot read checkpoint step {chosen} in {directory}: "
-                              f"{type(e).__name__}: {reason}") from None
+        raise CheckpointError(
+          f"Cannot read checkpoint step {chosen} in {directory}: {type(e).__name__}: {reason}"
+        ) from None
       if not still_there and isinstance(request, int):
         raise CheckpointError(
-            f"Checkpoint step {chosen} in {directory} was deleted while it was read (the run "
-            "keeps only its latest checkpoint_keep steps and the best); pick another with "
-            f"--checkpoint=latest, best or one of {finished_steps(directory)}.") from None
-      logging.info("Checkpoint step %s changed while it was read (%s); picking again.", chosen,
-                   type(e).__name__)
+          f"Checkpoint step {chosen} in {directory} was deleted while it was read (the run "
+          "keeps only its latest checkpoint_keep steps and the best); pick another with "
+          f"--checkpoint=latest, best or one of {finished_steps(directory)}."
+        ) from None
+      logging.info(
+        "Checkpoint step %s changed while it was read (%s); picking again.",
+        chosen,
+        type(e).__name__,
+      )
       time.sleep(0.2 * (attempt + 1))
-  raise CheckpointError(f"Checkpoints in {directory} kept changing while they were read "
-                        f"({attempts} attempts); try again, or stop the run first.")
+  raise CheckpointError(
+    f"Checkpoints in {directory} kept changing while they were read "
+    f"({attempts} attempts); try again, or stop the run first."
+  )
 
 
-def load_variables(path: paths.PathLike, step: int | str | None = None, *,
-                   use_ema: bool = False, best_metric: str | None = None) -> dict[str, Any]:
+def load_variables(
+  path: paths.PathLike,
+  step: int | str | None = None,
+  *,
+  use_ema: bool = False,
+  best_metric: str | None = None,
+) -> dict[str, Any]:
   """{'params', 'batch_stats', 'step'} of a saved run as numpy arrays.
 
   `use_ema` picks the Polyak-averaged weights (what evaluation and export use).
   """
   state, step = read_state(path, step, best_metric=best_metric)
   prefix = "ema_" if use_ema else ""
-  return {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"],
-          "step": step}
+  return {
+    "params": state[prefix + "params"],
+    "batch_stats": state[prefix + "batch_stats"],
+    "step": step,
+  }

@@ -10,10 +10,11 @@ process can import several of them (they share names such as --model and --out) 
 Earlier versions spelled those tools' flags with hyphens (`--sweep-segments`, `--raw-weights`,
 `--no-residual`); `parse` still accepts them, so existing scripts keep working.
 """
+
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
+import sys
 from typing import NoReturn
 
 from absl import flags
@@ -38,7 +39,7 @@ def accept_hyphens(argv: Sequence[str], flag_values: flags.FlagValues) -> list[s
       out.append(arg)
       continue
     dashes = "--" if arg.startswith("--") else "-"
-    name, equals, value = arg[len(dashes):].partition("=")
+    name, equals, value = arg[len(dashes) :].partition("=")
     spelled = name.replace("-", "_")
     flag_name = spelled
     if spelled not in flag_values:  # --no-foo / --no_foo / --nofoo for a boolean --foo
@@ -55,8 +56,14 @@ def accept_hyphens(argv: Sequence[str], flag_values: flags.FlagValues) -> list[s
   return out
 
 
-def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, prog: str,
-          description: str = "", positional: str = "", unknown_hint: str = "") -> list[str]:
+def parse(
+  flag_values: flags.FlagValues,
+  argv: Sequence[str] | None,
+  prog: str,
+  description: str = "",
+  positional: str = "",
+  unknown_hint: str = "",
+) -> list[str]:
   """Parses `argv` (without the program name; None = sys.argv[1:]) into `flag_values`.
 
   Every flag starts from its default, so a second call does not inherit the first's values.
@@ -65,7 +72,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, prog: str,
   these tools (`unknown_hint` is added to the line for an unknown flag).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  before_separator = argv[:argv.index("--")] if "--" in argv else argv
+  before_separator = argv[: argv.index("--")] if "--" in argv else argv
   if any(arg in _HELP for arg in before_separator):
     listing = flag_values.get_help(include_special_flags=False).splitlines()
     flag_lines = [line for line in listing if line.startswith(" ")]  # not the module headers

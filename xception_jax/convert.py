@@ -26,6 +26,7 @@ difference is an error naming the Keras layer, our layer and both shapes.
 
 No TensorFlow here: the files are read with h5py.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,8 @@ import dataclasses
 import functools
 import logging
 import os
-import warnings
 from typing import Any
+import warnings
 
 from flax import traverse_util
 import flax.linen as nn
@@ -59,6 +60,7 @@ class _Target:
   `depthwise` marks a (3, 3, C, 1) Keras depthwise kernel going into a (3, 3, 1, C) grouped one.
   `keras_class` is the Keras layer class in snake case, as Keras 3 files key their layers.
   """
+
   layer: str
   leaves: tuple[LeafPath, ...]
   keras_class: str
@@ -80,6 +82,7 @@ class KerasImport:
     ignored: Keras layers in the file that were not used (its classifier, for a headless model or
       a different class count).
   """
+
   variables: dict[str, Any]
   loaded: tuple[tuple[str, str], ...]
   reinitialized: tuple[str, ...]
@@ -145,15 +148,21 @@ def _conv(path: tuple[str, ...]) -> _Target:
 
 def _batch_norm(path: tuple[str, ...], scale: bool = True) -> _Target:
   leaves = (("params", path + ("scale",)),) if scale else ()
-  leaves += (("params", path + ("bias",)), ("batch_stats", path + ("mean",)),
-             ("batch_stats", path + ("var",)))
+  leaves += (
+    ("params", path + ("bias",)),
+    ("batch_stats", path + ("mean",)),
+    ("batch_stats", path + ("var",)),
+  )
   return _Target("/".join(path), leaves, "batch_normalization")
 
 
 def _separable(name: str) -> _Target:
-  return _Target(name, (("params", (name, "spatial", "kernel")),
-                        ("params", (name, "pointwise", "kernel"))), "separable_conv2d",
-                 depthwise=(True, False))
+  return _Target(
+    name,
+    (("params", (name, "spatial", "kernel")), ("params", (name, "pointwise", "kernel"))),
+    "separable_conv2d",
+    depthwise=(True, False),
+  )
 
 
 def _dense(name: str) -> _Target:
@@ -213,12 +222,18 @@ def _xception_body(model: xception_lib.Xception) -> list[_Target]:
 def _model_layout(model: nn.Module) -> tuple[str, list[_Target], int, str]:
   """(description, body targets in Keras order, minimum input size, classifier name)."""
   if isinstance(model, inception_v3_lib.InceptionV3):
-    return ("Inception V3", _inception_v3_body(), inception_v3_lib.MIN_IMAGE_SIZE,
-            head.CLASSIFIER_NAME)
+    return (
+      "Inception V3",
+      _inception_v3_body(),
+      inception_v3_lib.MIN_IMAGE_SIZE,
+      head.CLASSIFIER_NAME,
+    )
   if isinstance(model, xception_lib.Xception):
     return "Xception", _xception_body(model), xception_arch.MIN_IMAGE_SIZE, head.CLASSIFIER_NAME
-  raise TypeError(f"from_keras_h5 supports xception_jax Xception and InceptionV3 modules; got "
-                  f"{type(model).__name__}")
+  raise TypeError(
+    f"from_keras_h5 supports xception_jax Xception and InceptionV3 modules; got "
+    f"{type(model).__name__}"
+  )
 
 
 # --- The import ------------------------------------------------------------------------------
@@ -247,8 +262,9 @@ def _variable_path(leaf: LeafPath) -> str:
   return "/".join((leaf[0],) + leaf[1])
 
 
-def import_keras_h5(path: str | os.PathLike, model: nn.Module,
-                    rng: jax.Array | None = None) -> KerasImport:
+def import_keras_h5(
+  path: str | os.PathLike, model: nn.Module, rng: jax.Array | None = None
+) -> KerasImport:
   """Reads a Keras weight file into `model`'s variables, matching layers by their order.
 
   Args:
@@ -265,8 +281,11 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
       model, or a layer's weights have a shape other than the model's (naming both).
   """
   description, body, min_size, classifier = _model_layout(model)
-  abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, min_size, min_size, 3), jnp.float32))
+  abstract = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, min_size, min_size, 3), jnp.float32),
+  )
   expected = {key: v.shape for key, v in traverse_util.flatten_dict(abstract).items()}
   file_layers = keras_file.read_keras_file(path, [target.keras_class for target in body])
 
@@ -274,10 +293,11 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   file_body = file_layers[:-1] if file_head is not None else file_layers
   if len(file_body) != len(body):
     raise ValueError(
-        f"{os.fspath(path)} has {len(file_body)} layers with weights before its classifier, "
-        f"our {description} expects {len(body)}: is this a Keras {description} weight file, and "
-        f"the model at its reference architecture? (file starts with "
-        f"{[l.name for l in file_body[:3]]}, ends with {[l.name for l in file_body[-2:]]})")
+      f"{os.fspath(path)} has {len(file_body)} layers with weights before its classifier, "
+      f"our {description} expects {len(body)}: is this a Keras {description} weight file, and "
+      f"the model at its reference architecture? (file starts with "
+      f"{[l.name for l in file_body[:3]]}, ends with {[l.name for l in file_body[-2:]]})"
+    )
 
   values: dict[tuple[str, ...], np.ndarray] = {}
   loaded: list[tuple[str, str]] = []
@@ -285,22 +305,26 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   def load(layer: keras_file.KerasLayer, target: _Target) -> None:
     if len(layer.arrays) != len(target.leaves):
       raise ValueError(
-          f"{_describe(layer)} has {len(layer.arrays)} weights {list(layer.weight_names)}, but "
-          f"our layer {target.layer!r} takes {len(target.leaves)}: "
-          f"{[_variable_path(l) for l in target.leaves]}")
+        f"{_describe(layer)} has {len(layer.arrays)} weights {list(layer.weight_names)}, but "
+        f"our layer {target.layer!r} takes {len(target.leaves)}: "
+        f"{[_variable_path(l) for l in target.leaves]}"
+      )
     for i, (array, (collection, leaf)) in enumerate(zip(layer.arrays, target.leaves)):
       key = (collection,) + leaf
       if key not in expected:
-        raise ValueError(f"{_describe(layer)}: our model has no "
-                         f"{_variable_path((collection, leaf))} (is it at its reference "
-                         "architecture?)")
+        raise ValueError(
+          f"{_describe(layer)}: our model has no "
+          f"{_variable_path((collection, leaf))} (is it at its reference "
+          "architecture?)"
+        )
       value = np.transpose(array, (0, 1, 3, 2)) if target.is_depthwise(i) else array
       if value.shape != tuple(expected[key]):
         layout = f" (as {value.shape} in our layout)" if target.is_depthwise(i) else ""
         raise ValueError(
-            f"Shape mismatch: {_describe(layer)} weight {layer.weight_names[i]!r} has shape "
-            f"{array.shape}{layout}; our {_variable_path((collection, leaf))} has shape "
-            f"{tuple(expected[key])}")
+          f"Shape mismatch: {_describe(layer)} weight {layer.weight_names[i]!r} has shape "
+          f"{array.shape}{layout}; our {_variable_path((collection, leaf))} has shape "
+          f"{tuple(expected[key])}"
+        )
       values[key] = value
     loaded.append((layer.name, target.layer))
 
@@ -318,17 +342,21 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
     if file_shape == our_shape:
       load(file_head, _dense(classifier))
     elif file_shape[0] == our_shape[0]:
-      reason = (f"the file's classifier {file_head.name!r} has {file_shape[1]} classes, the model "
-                f"{our_shape[1]}")
+      reason = (
+        f"the file's classifier {file_head.name!r} has {file_shape[1]} classes, the model "
+        f"{our_shape[1]}"
+      )
       ignored.append(file_head.name)
     else:
       raise ValueError(
-          f"Shape mismatch: {_describe(file_head)} kernel has shape {file_shape}; our "
-          f"params/{classifier}/kernel has shape {our_shape} (the input features differ, not "
-          "just the class count)")
+        f"Shape mismatch: {_describe(file_head)} kernel has shape {file_shape}; our "
+        f"params/{classifier}/kernel has shape {our_shape} (the input features differ, not "
+        "just the class count)"
+      )
   elif file_head is not None:
-    reason = ("the model has fc_layers before its classifier" if has_classifier
-              else "the model is headless")
+    reason = (
+      "the model has fc_layers before its classifier" if has_classifier else "the model is headless"
+    )
     ignored.append(file_head.name)
   elif has_classifier:
     reason = "the file has no classifier (include_top=False)"
@@ -337,14 +365,17 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   missing = [k for k in expected if k not in values]
   not_head = [k for k in missing if k[1] != classifier and not k[1].startswith("fc")]
   if not_head:  # the layer tables above cover every body layer; this would be a bug in them
-    raise RuntimeError(f"{description} import left body variables unset: "
-                       f"{['/'.join(k) for k in not_head[:5]]}")
+    raise RuntimeError(
+      f"{description} import left body variables unset: {['/'.join(k) for k in not_head[:5]]}"
+    )
   for i, key in enumerate(sorted(missing)):
     values[key] = _fresh_leaf(key, tuple(expected[key]), jax.random.fold_in(rng, i))
   reinitialized = tuple("/".join(k) for k in sorted(missing))
   if reinitialized:
-    message = (f"{os.fspath(path)}: head left for re-initialisation ({reason}); initialised "
-               f"afresh: {', '.join(reinitialized)}")
+    message = (
+      f"{os.fspath(path)}: head left for re-initialisation ({reason}); initialised "
+      f"afresh: {', '.join(reinitialized)}"
+    )
     logging.warning(message)
     warnings.warn(message, stacklevel=2)
   elif ignored:
@@ -355,8 +386,9 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   return KerasImport(variables, tuple(loaded), reinitialized, tuple(ignored))
 
 
-def from_keras_h5(path: str | os.PathLike, model: nn.Module,
-                  rng: jax.Array | None = None) -> dict[str, Any]:
+def from_keras_h5(
+  path: str | os.PathLike, model: nn.Module, rng: jax.Array | None = None
+) -> dict[str, Any]:
   """{'params', 'batch_stats'} for `model` from a Keras weight file (see import_keras_h5).
 
   A head that cannot be imported (different class count, no top in the file) is initialised

@@ -4,6 +4,7 @@ Every process runs the same program; `jax.distributed.initialize` connects them 
 coordinator, after which `jax.devices()` lists the devices of all processes and a jitted step over
 a global Mesh runs as one computation. Must be called before any other JAX work.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   if coordinator_address:
     if num_processes <= 0 or process_id < 0:
       raise ValueError(
-          "--coordinator_address needs --num_processes (> 0) and --process_id (0..num_processes-1).")
+        "--coordinator_address needs --num_processes (> 0) and --process_id (0..num_processes-1)."
+      )
     # CPU devices of different processes exchange collectives through gloo; GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -30,8 +32,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.distributed.initialize()
   else:
     return
-  logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "Process %d of %d; %d local and %d global devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def _in_multi_task_cluster() -> bool:

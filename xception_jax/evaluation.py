@@ -5,9 +5,10 @@ Every evaluation reports the same metrics for the raw and the EMA weights (`eval
 runs the compiled eval step (`steps.make_eval_step`) over every eval batch and turns the exact
 sums into means: padding examples (mask 0) count nowhere, whatever the batch and process counts.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from absl import logging
 import jax
@@ -34,18 +35,27 @@ def resolve_best_metric(config: ml_collections.ConfigDict, multi_label: bool) ->
   valid = eval_metric_names(multi_label)
   if metric not in valid:
     kind = "multi-label" if multi_label else "single-label"
-    raise ValueError(f"config.best_metric={config.best_metric!r}: this {kind} dataset's evals "
-                     f"report {', '.join(valid)} (\"\" = {default}).")
+    raise ValueError(
+      f"config.best_metric={config.best_metric!r}: this {kind} dataset's evals "
+      f'report {", ".join(valid)} ("" = {default}).'
+    )
   return metric
 
 
-
-def evaluate(eval_step: Callable, state: steps.TrainState, config: ml_collections.ConfigDict,
-             info: data.DatasetInfo, sharding: jax.sharding.Sharding) -> dict[str, float]:
+def evaluate(
+  eval_step: Callable,
+  state: steps.TrainState,
+  config: ml_collections.ConfigDict,
+  info: data.DatasetInfo,
+  sharding: jax.sharding.Sharding,
+) -> dict[str, float]:
   """One exact pass over the eval split; returns `eval_metric_names` for raw and EMA weights,
   plus 'eval/examples'. `sharding` lays out the global eval batches (the data axis)."""
-  map_states = ({"": metrics.map_init(info.num_classes), "ema_": metrics.map_init(info.num_classes)}
-                if info.multi_label else {})
+  map_states = (
+    {"": metrics.map_init(info.num_classes), "ema_": metrics.map_init(info.num_classes)}
+    if info.multi_label
+    else {}
+  )
   totals: dict[str, float] = {}
   for batch in data.create_eval_iterator(config, info, sharding=sharding):
     sums, map_states = eval_step(state, batch, map_states)
@@ -60,7 +70,8 @@ def evaluate(eval_step: Callable, state: steps.TrainState, config: ml_collection
     if info.multi_label:
       results[f"eval/{prefix}precision_at_1"] = totals[prefix + "precision_at_1"] / count
       results[f"eval/{prefix}map100"] = float(
-          metrics.map_result(map_states[prefix], config.map_class_weighting))
+        metrics.map_result(map_states[prefix], config.map_class_weighting)
+      )
     else:
       results[f"eval/{prefix}top1"] = totals[prefix + "top1"] / count
       results[f"eval/{prefix}top5"] = totals[prefix + "top5"] / count

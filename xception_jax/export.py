@@ -44,15 +44,17 @@ Design choices, and why:
     leaves something that looks like an export; `serving.load` also checks every file's size
     and hash.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence
 import datetime
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags
@@ -84,7 +86,8 @@ OUTPUT_ACTIVATIONS = {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}
 def flatten_variables(variables: dict[str, Any]) -> dict[str, Any]:
   """{'params': {...}, 'batch_stats': {...}} -> {'params/layer/leaf': leaf}, sorted by name."""
   flat = traverse_util.flatten_dict(
-      {k: variables[k] for k in ("params", "batch_stats") if variables.get(k)}, sep="/")
+    {k: variables[k] for k in ("params", "batch_stats") if variables.get(k)}, sep="/"
+  )
   return dict(sorted(flat.items()))
 
 
@@ -105,10 +108,11 @@ def inference_function(model, loss: str) -> Callable[[dict, jax.Array], dict[str
   return infer
 
 
-def export_function(infer: Callable, flat_variables: dict[str, np.ndarray],
-                    image_size: int) -> "jax.export.Exported":
+def export_function(
+  infer: Callable, flat_variables: dict[str, np.ndarray], image_size: int
+) -> jax.export.Exported:
   """Lowers `infer` to StableHLO with a symbolic batch dimension 'b', for cpu, cuda and tpu."""
-  batch, = jax.export.symbolic_shape("b")
+  (batch,) = jax.export.symbolic_shape("b")
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   variables = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_variables.items()}
   return jax.export.export(jax.jit(infer), platforms=EXPORT_PLATFORMS)(variables, images)
@@ -126,19 +130,22 @@ def read_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     path = paths.resolve(workdir) / name
     if not path.is_file():
       raise FileNotFoundError(
-          f"{path} not found: --workdir must be a training run's folder (written by "
-          "`python -m xception_jax.main`), holding config.json, run.json and checkpoints/.")
+        f"{path} not found: --workdir must be a training run's folder (written by "
+        "`python -m xception_jax.main`), holding config.json, run.json and checkpoints/."
+      )
     result.append(paths.read_json(path))
   return result[0], result[1]
 
 
-def _check_variables_match(model_name: str, expected: dict, loaded: dict,
-                           source: dict[str, Any]) -> None:
+def _check_variables_match(
+  model_name: str, expected: dict, loaded: dict, source: dict[str, Any]
+) -> None:
   """The checkpoint must hold exactly the variables the configured model has."""
   missing = sorted(set(expected) - set(loaded))
   unexpected = sorted(set(loaded) - set(expected))
-  wrong = sorted(k for k in set(expected) & set(loaded)
-                 if tuple(expected[k].shape) != tuple(np.shape(loaded[k])))
+  wrong = sorted(
+    k for k in set(expected) & set(loaded) if tuple(expected[k].shape) != tuple(np.shape(loaded[k]))
+  )
   if missing or unexpected or wrong:
     details = []
     if missing:
@@ -148,12 +155,20 @@ def _check_variables_match(model_name: str, expected: dict, loaded: dict,
     for k in wrong[:5]:
       details.append(f"{k}: checkpoint {np.shape(loaded[k])} vs model {tuple(expected[k].shape)}")
     raise ValueError(
-        f"The weights ({', '.join(f'{k}={v}' for k, v in source.items() if k != 'trained_with')}) "
-        f"do not match the model the config describes ({model_name}): {'; '.join(details)}.")
+      f"The weights ({', '.join(f'{k}={v}' for k, v in source.items() if k != 'trained_with')}) "
+      f"do not match the model the config describes ({model_name}): {'; '.join(details)}."
+    )
 
 
-def export_run(workdir: str, out: str, *, step: int | str | None = None, use_ema: bool = True,
-               saved_model: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+def export_run(
+  workdir: str,
+  out: str,
+  *,
+  step: int | str | None = None,
+  use_ema: bool = True,
+  saved_model: bool | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Writes the export directory `out` from the training run in `workdir`; returns its metadata.
 
   Args:
@@ -170,19 +185,38 @@ def export_run(workdir: str, out: str, *, step: int | str | None = None, use_ema
   workdir = os.fspath(paths.resolve(workdir))
   _check_out_dir(out, overwrite)  # before the (slow) checkpoint read
   config_dict, run = read_run(workdir)
-  best_metric = run.get("best_metric") or config_dict.get("best_metric") or (
-      "eval/ema_map100" if run.get("multi_label") else "eval/ema_top1")
+  best_metric = (
+    run.get("best_metric")
+    or config_dict.get("best_metric")
+    or ("eval/ema_map100" if run.get("multi_label") else "eval/ema_top1")
+  )
   state = checkpointing.load_variables(workdir, step, use_ema=use_ema, best_metric=best_metric)
-  source = {"workdir": workdir, "step": int(state["step"]),
-            "checkpoint": "latest" if step is None else str(step),
-            "weights": "ema" if use_ema else "raw",
-            "trained_with": {k: v for k, v in run.items() if k.endswith("_version")}}
-  return write_export(out, ml_collections.ConfigDict(config_dict), run, state, source=source,
-                      saved_model=saved_model, overwrite=overwrite)
+  source = {
+    "workdir": workdir,
+    "step": int(state["step"]),
+    "checkpoint": "latest" if step is None else str(step),
+    "weights": "ema" if use_ema else "raw",
+    "trained_with": {k: v for k, v in run.items() if k.endswith("_version")},
+  }
+  return write_export(
+    out,
+    ml_collections.ConfigDict(config_dict),
+    run,
+    state,
+    source=source,
+    saved_model=saved_model,
+    overwrite=overwrite,
+  )
 
 
-def export_keras(spec: str, out: str, *, image_size: int = 299, saved_model: bool | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:
+def export_keras(
+  spec: str,
+  out: str,
+  *,
+  image_size: int = 299,
+  saved_model: bool | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Writes an export of Keras Applications' ImageNet weights: `keras:xception` or
   `keras:inception_v3`, fetched and cached by `keras_weights`. No training run is involved.
 
@@ -192,28 +226,50 @@ def export_keras(spec: str, out: str, *, image_size: int = 299, saved_model: boo
   """
   weights = keras_weights.parse(spec, "--from")
   if not weights.include_top:
-    raise ValueError(f"--from={spec}: those weights have no classifier; export the network with "
-                     f"its ImageNet classifier, --from=keras:{weights.model_name}.")
+    raise ValueError(
+      f"--from={spec}: those weights have no classifier; export the network with "
+      f"its ImageNet classifier, --from=keras:{weights.model_name}."
+    )
   _check_out_dir(out, overwrite)  # before the download
-  config = ml_collections.ConfigDict(dict(
-      model_name=weights.model_name, model={}, dtype="float32", image_size=int(image_size),
-      input=dict(eval_crop_fraction=0.875), dataset="imagenet2012"))
+  config = ml_collections.ConfigDict(
+    dict(
+      model_name=weights.model_name,
+      model={},
+      dtype="float32",
+      image_size=int(image_size),
+      input=dict(eval_crop_fraction=0.875),
+      dataset="imagenet2012",
+    )
+  )
   model = models.create(weights.model_name, num_classes=keras_weights.NUM_IMAGENET_CLASSES)
   path = keras_weights.fetch(keras_weights.FILES[weights.name])
   classes = keras_weights.imagenet_classes()
   variables = convert.from_keras_h5(path, model)
   file = keras_weights.FILES[weights.name]
-  run = {"num_classes": keras_weights.NUM_IMAGENET_CLASSES, "loss": "softmax",
-         "multi_label": False, "class_names": list(classes.names),
-         "class_ids": list(classes.synsets), "model_class": type(model).__name__}
+  run = {
+    "num_classes": keras_weights.NUM_IMAGENET_CLASSES,
+    "loss": "softmax",
+    "multi_label": False,
+    "class_names": list(classes.names),
+    "class_ids": list(classes.synsets),
+    "model_class": type(model).__name__,
+  }
   source = {"step": None, "weights": "keras", "keras": spec, "url": file.url, "md5": file.md5}
-  return write_export(out, config, run, variables, source=source, saved_model=saved_model,
-                      overwrite=overwrite)
+  return write_export(
+    out, config, run, variables, source=source, saved_model=saved_model, overwrite=overwrite
+  )
 
 
-def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any], *,
-                 source: dict[str, Any], saved_model: bool | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:
+def write_export(
+  out: str,
+  config,
+  run: dict[str, Any],
+  variables: dict[str, Any],
+  *,
+  source: dict[str, Any],
+  saved_model: bool | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Writes an export directory for `variables` of the model that `config` describes.
 
   The part of `export_run` after the checkpoint is read; also usable for weights that come from
@@ -234,8 +290,14 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
   if paths.is_remote(out):
     _check_out_dir(out, overwrite)
     with tempfile.TemporaryDirectory() as local:
-      metadata = write_export(os.path.join(local, "export"), config, run, variables,
-                              source=source, saved_model=saved_model)
+      metadata = write_export(
+        os.path.join(local, "export"),
+        config,
+        run,
+        variables,
+        source=source,
+        saved_model=saved_model,
+      )
       if paths.resolve(out).exists():
         paths.resolve(out).rmtree()  # _check_out_dir allowed it: an earlier export, or empty
       paths.copy_tree(os.path.join(local, "export"), out, last=serving.METADATA_FILE)
@@ -245,8 +307,10 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
   if saved_model is None:
     saved_model = saved_model_lib.available()
   elif saved_model and not saved_model_lib.available():
-    raise ValueError("A SavedModel was requested but TensorFlow (with jax.experimental.jax2tf) is "
-                     "not importable here; install tensorflow-cpu or export without it.")
+    raise ValueError(
+      "A SavedModel was requested but TensorFlow (with jax.experimental.jax2tf) is "
+      "not importable here; install tensorflow-cpu or export without it."
+    )
   num_classes = int(run["num_classes"])
   loss = run.get("loss") or ("sigmoid" if run.get("multi_label") else "softmax")
   if loss not in OUTPUT_ACTIVATIONS:
@@ -255,14 +319,16 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
   crop_fraction = float(config.input.eval_crop_fraction)
   class_names = run.get("class_names")
   if class_names is not None and len(class_names) != num_classes:
-    raise ValueError(f"run.json lists {len(class_names)} class_names for "
-                     f"num_classes={num_classes}.")
+    raise ValueError(
+      f"run.json lists {len(class_names)} class_names for num_classes={num_classes}."
+    )
 
   model = models.create_model(config, num_classes)
   flat = {k: np.asarray(v) for k, v in flatten_variables(variables).items()}
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  expected = flatten_variables(jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy))
+  expected = flatten_variables(
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
+  )
   _check_variables_match(config.model_name, expected, flat, source)
 
   infer = inference_function(model, loss)
@@ -278,13 +344,31 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
     saved_model_info = None
     if saved_model:
       saved_model_info = saved_model_lib.write(
-          os.path.join(staging, serving.SAVED_MODEL_DIR), infer, flat, image_size, crop_fraction,
-          EXPORT_PLATFORMS)
-    metadata = _metadata(config, run, source, flat, exported, loss=loss, image_size=image_size,
-                         crop_fraction=crop_fraction, saved_model_info=saved_model_info)
-    metadata["files"] = {name: {"bytes": os.path.getsize(os.path.join(staging, name)),
-                                "sha256": serving.sha256(os.path.join(staging, name))}
-                         for name in (serving.VARIABLES_FILE, serving.FUNCTION_FILE)}
+        os.path.join(staging, serving.SAVED_MODEL_DIR),
+        infer,
+        flat,
+        image_size,
+        crop_fraction,
+        EXPORT_PLATFORMS,
+      )
+    metadata = _metadata(
+      config,
+      run,
+      source,
+      flat,
+      exported,
+      loss=loss,
+      image_size=image_size,
+      crop_fraction=crop_fraction,
+      saved_model_info=saved_model_info,
+    )
+    metadata["files"] = {
+      name: {
+        "bytes": os.path.getsize(os.path.join(staging, name)),
+        "sha256": serving.sha256(os.path.join(staging, name)),
+      }
+      for name in (serving.VARIABLES_FILE, serving.FUNCTION_FILE)
+    }
     # export.json last: it marks the export complete.
     with open(os.path.join(staging, serving.METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
@@ -300,73 +384,83 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
   return metadata
 
 
-def _metadata(config, run: dict[str, Any], source: dict[str, Any], flat: dict[str, np.ndarray],
-              exported: jax.export.Exported, *, loss: str, image_size: int, crop_fraction: float,
-              saved_model_info: dict[str, Any] | None) -> dict[str, Any]:
+def _metadata(
+  config,
+  run: dict[str, Any],
+  source: dict[str, Any],
+  flat: dict[str, np.ndarray],
+  exported: jax.export.Exported,
+  *,
+  loss: str,
+  image_size: int,
+  crop_fraction: float,
+  saved_model_info: dict[str, Any] | None,
+) -> dict[str, Any]:
   """export.json's content, less the per-file sizes and hashes."""
   num_classes = int(run["num_classes"])
   class_names = run.get("class_names")
   libraries = versions_lib.EXPORT_LIBRARIES + (("tensorflow",) if saved_model_info else ())
   return {
-      "format": serving.FORMAT_NAME,
-      "format_version": serving.FORMAT_VERSION,
-      "model": {
-          "name": config.model_name,
-          "class": run.get("model_class"),
-          "settings": config.model.to_dict(),
-          "dtype": config.dtype,
-          "num_classes": num_classes,
-          "num_params": int(sum(v.size for k, v in flat.items() if k.startswith("params/"))),
-      },
-      "input": {
-          "shape": ["batch", image_size, image_size, 3],
-          "dtype": "float32",
-          "layout": "NHWC",
-          "color": "RGB",
-          "range": [-1.0, 1.0],
-      },
-      "preprocessing": {
-          "description": ("decode to RGB (grey replicated, alpha dropped); central crop of "
-                          "crop_fraction of each side (tf.image.central_crop's arithmetic); "
-                          "bilinear resize to image_size x image_size with half-pixel centres "
-                          "and no antialiasing (tf.image.resize 'bilinear'); x / 127.5 - 1"),
-          "image_size": image_size,
-          "crop_fraction": crop_fraction,
-          "resize": {"method": "bilinear", "half_pixel_centers": True, "antialias": False},
-          "scale": {"divide": 127.5, "subtract": 1.0},
-          "numpy_implementation": "xception_jax.data.preprocess_numpy.eval_image",
-          "tensorflow_implementation": "xception_jax.data.preprocess_tf.eval_image",
-      },
-      "output": {
-          "keys": ["logits", "probabilities"],
-          "activation": loss,
-          "multi_label": bool(run.get("multi_label", loss == "sigmoid")),
-          "shape": ["batch", num_classes],
-      },
-      "class_names": list(class_names) if class_names is not None else None,
-      "class_ids": list(run["class_ids"]) if run.get("class_ids") is not None else None,
-      "variables": {
-          "file": serving.VARIABLES_FILE,
-          "weights": source.get("weights", "unknown"),
-          "batch_norm": "unfolded",
-          "naming": "'<collection>/<layer>/<leaf>', as flax.traverse_util.flatten_dict(sep='/')",
-      },
-      "function": {
-          "file": serving.FUNCTION_FILE,
-          "format": "jax.export serialized (StableHLO)",
-          "platforms": list(exported.platforms),
-          "calling_convention_version": exported.calling_convention_version,
-          "signature": "f(variables: dict[str, array], images: float32[b, S, S, 3]) -> "
-                       "{'logits': float32[b, C], 'probabilities': float32[b, C]}",
-      },
-      "saved_model": saved_model_info,
-      "source": {
-          **source,
-          "dataset": run.get("dataset", config.get("dataset")),
-          "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-              timespec="seconds"),
-      },
-      "versions": versions_lib.library_versions(libraries),
+    "format": serving.FORMAT_NAME,
+    "format_version": serving.FORMAT_VERSION,
+    "model": {
+      "name": config.model_name,
+      "class": run.get("model_class"),
+      "settings": config.model.to_dict(),
+      "dtype": config.dtype,
+      "num_classes": num_classes,
+      "num_params": int(sum(v.size for k, v in flat.items() if k.startswith("params/"))),
+    },
+    "input": {
+      "shape": ["batch", image_size, image_size, 3],
+      "dtype": "float32",
+      "layout": "NHWC",
+      "color": "RGB",
+      "range": [-1.0, 1.0],
+    },
+    "preprocessing": {
+      "description": (
+        "decode to RGB (grey replicated, alpha dropped); central crop of "
+        "crop_fraction of each side (tf.image.central_crop's arithmetic); "
+        "bilinear resize to image_size x image_size with half-pixel centres "
+        "and no antialiasing (tf.image.resize 'bilinear'); x / 127.5 - 1"
+      ),
+      "image_size": image_size,
+      "crop_fraction": crop_fraction,
+      "resize": {"method": "bilinear", "half_pixel_centers": True, "antialias": False},
+      "scale": {"divide": 127.5, "subtract": 1.0},
+      "numpy_implementation": "xception_jax.data.preprocess_numpy.eval_image",
+      "tensorflow_implementation": "xception_jax.data.preprocess_tf.eval_image",
+    },
+    "output": {
+      "keys": ["logits", "probabilities"],
+      "activation": loss,
+      "multi_label": bool(run.get("multi_label", loss == "sigmoid")),
+      "shape": ["batch", num_classes],
+    },
+    "class_names": list(class_names) if class_names is not None else None,
+    "class_ids": list(run["class_ids"]) if run.get("class_ids") is not None else None,
+    "variables": {
+      "file": serving.VARIABLES_FILE,
+      "weights": source.get("weights", "unknown"),
+      "batch_norm": "unfolded",
+      "naming": "'<collection>/<layer>/<leaf>', as flax.traverse_util.flatten_dict(sep='/')",
+    },
+    "function": {
+      "file": serving.FUNCTION_FILE,
+      "format": "jax.export serialized (StableHLO)",
+      "platforms": list(exported.platforms),
+      "calling_convention_version": exported.calling_convention_version,
+      "signature": "f(variables: dict[str, array], images: float32[b, S, S, 3]) -> "
+      "{'logits': float32[b, C], 'probabilities': float32[b, C]}",
+    },
+    "saved_model": saved_model_info,
+    "source": {
+      **source,
+      "dataset": run.get("dataset", config.get("dataset")),
+      "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    },
+    "versions": versions_lib.library_versions(libraries),
   }
 
 
@@ -378,11 +472,15 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
     raise ValueError(f"--out={where} exists and is not a directory.")
   entries = [p.name for p in folder.iterdir()] if folder.is_dir() else []
   if entries and not overwrite:
-    raise ValueError(f"--out={where} exists and is not empty; pass --overwrite to replace an "
-                     "earlier export, or choose another folder.")
+    raise ValueError(
+      f"--out={where} exists and is not empty; pass --overwrite to replace an "
+      "earlier export, or choose another folder."
+    )
   if entries and serving.METADATA_FILE not in entries:
-    raise ValueError(f"--out={where} is not empty and holds no {serving.METADATA_FILE}: it does "
-                     "not look like an export, so --overwrite will not delete it.")
+    raise ValueError(
+      f"--out={where} is not empty and holds no {serving.METADATA_FILE}: it does "
+      "not look like an export, so --overwrite will not delete it."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,21 +491,41 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
 PROG = "python -m xception_jax.export"
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's folder.", flag_values=FLAGS)
-flags.DEFINE_string("from", None, "Export Keras Applications' ImageNet weights instead of a run: "
-                    "keras:xception or keras:inception_v3 (fetched and cached as Keras does).",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("image_size", 299, "With --from: the input size of the exported function.",
-                     flag_values=FLAGS)
+flags.DEFINE_string(
+  "from",
+  None,
+  "Export Keras Applications' ImageNet weights instead of a run: "
+  "keras:xception or keras:inception_v3 (fetched and cached as Keras does).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "image_size", 299, "With --from: the input size of the exported function.", flag_values=FLAGS
+)
 flags.DEFINE_string("out", None, "The export folder to create.", flag_values=FLAGS)
-flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: latest, best (by the run's "
-                    "best_metric, kept across resumes) or a step number.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "checkpoint",
+  "latest",
+  "Which checkpoint: latest, best (by the run's "
+  "best_metric, kept across resumes) or a step number.",
+  flag_values=FLAGS,
+)
 flags.DEFINE_integer("step", None, "Same as --checkpoint=STEP.", flag_values=FLAGS)
-flags.DEFINE_bool("raw_weights", False, "Export the trained weights instead of their EMA "
-                  "(Polyak average).", flag_values=FLAGS)
-flags.DEFINE_enum("saved_model", "auto", ["auto", "yes", "no"], "Also write a TF SavedModel: "
-                  "auto = when TensorFlow is importable.", flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "Replace --out if it holds an earlier export.",
-                  flag_values=FLAGS)
+flags.DEFINE_bool(
+  "raw_weights",
+  False,
+  "Export the trained weights instead of their EMA (Polyak average).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+  "saved_model",
+  "auto",
+  ["auto", "yes", "no"],
+  "Also write a TF SavedModel: auto = when TensorFlow is importable.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+  "overwrite", False, "Replace --out if it holds an earlier export.", flag_values=FLAGS
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> str | int:
@@ -423,8 +541,11 @@ def parse_args(argv: Sequence[str] | None) -> str | int:
   if checkpoint not in ("latest", "best") and not checkpoint.isdigit():
     cli.usage_error(PROG, f"--checkpoint={checkpoint!r}: valid are latest, best or a step number.")
   if FLAGS["from"].value and (checkpoint != "latest" or FLAGS.raw_weights):
-    cli.usage_error(PROG, "--checkpoint, --step and --raw_weights choose among a run's "
-                    "checkpoints; with --from there is no run.")
+    cli.usage_error(
+      PROG,
+      "--checkpoint, --step and --raw_weights choose among a run's "
+      "checkpoints; with --from there is no run.",
+    )
   return int(checkpoint) if checkpoint.isdigit() else checkpoint
 
 
@@ -435,20 +556,35 @@ def main(argv: Sequence[str] | None = None) -> int:
   saved_model = {"auto": None, "yes": True, "no": False}[FLAGS.saved_model]
   try:
     if keras:
-      metadata = export_keras(keras, FLAGS.out, image_size=FLAGS.image_size,
-                              saved_model=saved_model, overwrite=FLAGS.overwrite)
+      metadata = export_keras(
+        keras,
+        FLAGS.out,
+        image_size=FLAGS.image_size,
+        saved_model=saved_model,
+        overwrite=FLAGS.overwrite,
+      )
     else:
-      metadata = export_run(FLAGS.workdir, FLAGS.out, step=checkpoint,
-                            use_ema=not FLAGS.raw_weights, saved_model=saved_model,
-                            overwrite=FLAGS.overwrite)
+      metadata = export_run(
+        FLAGS.workdir,
+        FLAGS.out,
+        step=checkpoint,
+        use_ema=not FLAGS.raw_weights,
+        saved_model=saved_model,
+        overwrite=FLAGS.overwrite,
+      )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   source = metadata["source"]
-  origin = (f"Keras's ImageNet weights {source['keras']}" if keras else
-            f"{metadata['variables']['weights']} weights, step {source['step']}")
-  print(f"Exported {metadata['model']['name']} ({origin}) to {paths.resolve(FLAGS.out)}"
-        f"{' with a TF SavedModel' if metadata['saved_model'] else ''}.")
+  origin = (
+    f"Keras's ImageNet weights {source['keras']}"
+    if keras
+    else f"{metadata['variables']['weights']} weights, step {source['step']}"
+  )
+  print(
+    f"Exported {metadata['model']['name']} ({origin}) to {paths.resolve(FLAGS.out)}"
+    f"{' with a TF SavedModel' if metadata['saved_model'] else ''}."
+  )
   return 0
 
 

@@ -18,6 +18,7 @@ The format is recognised from the file's content, not its name:
 Separate from `convert.py`, which decides where each layer goes in our modules: this file only
 knows Keras's storage, and reads it with h5py (no TensorFlow, no Keras).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,8 +26,8 @@ import dataclasses
 import io
 import os
 import re
-import zipfile
 from typing import Any
+import zipfile
 
 import h5py
 import numpy as np
@@ -35,6 +36,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class KerasLayer:
   """A layer with weights, as stored in the file."""
+
   index: int  # position among the file's layers with weights
   name: str
   weight_names: tuple[str, ...]
@@ -50,9 +52,11 @@ def _decode(value: Any) -> str:
 
 
 _ARCHIVE_WEIGHTS = "model.weights.h5"  # where a .keras archive keeps its variables
-_FORMATS = ("a legacy Keras 2 .h5 weight file (keras.applications' published files, tf_keras "
-            "save_weights), a Keras 3 .weights.h5 file (model.save_weights) or a Keras 3 .keras "
-            "archive (model.save)")
+_FORMATS = (
+  "a legacy Keras 2 .h5 weight file (keras.applications' published files, tf_keras "
+  "save_weights), a Keras 3 .weights.h5 file (model.save_weights) or a Keras 3 .keras "
+  "archive (model.save)"
+)
 
 
 def _open(path: str) -> h5py.File:
@@ -63,8 +67,10 @@ def _open(path: str) -> h5py.File:
     with zipfile.ZipFile(path) as archive:
       names = archive.namelist()
       if _ARCHIVE_WEIGHTS not in names:
-        raise ValueError(f"{path}: a zip archive without {_ARCHIVE_WEIGHTS} (it holds "
-                         f"{names[:6]}); expected {_FORMATS}.")
+        raise ValueError(
+          f"{path}: a zip archive without {_ARCHIVE_WEIGHTS} (it holds "
+          f"{names[:6]}); expected {_FORMATS}."
+        )
       return h5py.File(io.BytesIO(archive.read(_ARCHIVE_WEIGHTS)), "r")
   if not h5py.is_hdf5(path):
     raise ValueError(f"{path}: neither an HDF5 file nor a zip archive; expected {_FORMATS}.")
@@ -75,6 +81,7 @@ def _array(dataset: h5py.Dataset) -> np.ndarray:
   value = np.asarray(dataset[()])
   if dataset.attrs.get("dtype") == "bfloat16":  # Keras 3 stores bfloat16 variables as raw 2 bytes
     import ml_dtypes  # pylint: disable=g-import-not-at-top
+
     value = value.view(ml_dtypes.bfloat16)
   return value.astype(np.float32)
 
@@ -107,18 +114,24 @@ def _read_keras3(f: h5py.File, path: str, classes: Sequence[str]) -> list[KerasL
   wanted = {c: classes.count(c) for c in sorted(set(classes))}
   if {c: n for c, n in found.items() if c != "dense"} != wanted or found.get("dense", 0) > 1:
     raise ValueError(
-        f"{path}: its layers with weights are {found}, the model expects {wanted} (plus at most "
-        "one dense classifier). Is this a Keras file of this network, saved from the model "
-        "itself (keras.applications, not nested inside another model)?")
+      f"{path}: its layers with weights are {found}, the model expects {wanted} (plus at most "
+      "one dense classifier). Is this a Keras file of this network, saved from the model "
+      "itself (keras.applications, not nested inside another model)?"
+    )
   queues = {c: [key for _, key in sorted(keys)] for c, keys in by_class.items()}
   result = []
   for keras_class in list(classes) + ["dense"] * found.get("dense", 0):
     key = queues[keras_class].pop(0)
     variables = f["layers"][key]["vars"]
     names = sorted(variables, key=int)
-    result.append(KerasLayer(len(result), _decode(variables.attrs.get("name", key)),
-                              tuple(f"layers/{key}/vars/{n}" for n in names),
-                              tuple(_array(variables[n]) for n in names)))
+    result.append(
+      KerasLayer(
+        len(result),
+        _decode(variables.attrs.get("name", key)),
+        tuple(f"layers/{key}/vars/{n}" for n in names),
+        tuple(_array(variables[n]) for n in names),
+      )
+    )
   return result
 
 
@@ -137,6 +150,7 @@ def read_keras_file(path: str | os.PathLike, classes: Sequence[str]) -> list[Ker
       return _read_legacy(group)
     if "layers" in f:
       return _read_keras3(f, path, classes)
-  raise ValueError(f"{path}: no Keras weights in it (no root attribute 'layer_names' and no "
-                   f"'layers' group); expected {_FORMATS}.")
-
+  raise ValueError(
+    f"{path}: no Keras weights in it (no root attribute 'layer_names' and no "
+    f"'layers' group); expected {_FORMATS}."
+  )

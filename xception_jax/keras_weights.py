@@ -28,6 +28,7 @@ md5_of_that_file))`) points the fetch at another server, and `fetch(file, direct
 
 Imports neither TensorFlow nor Keras (urllib, hashlib and json only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,6 +54,7 @@ class KerasFileError(FileNotFoundError):
 @dataclasses.dataclass(frozen=True)
 class KerasFile:
   """One published file: Keras's file name in its cache, its URL and its md5 (as Keras checks)."""
+
   filename: str
   url: str
   md5: str
@@ -61,39 +63,45 @@ class KerasFile:
 @dataclasses.dataclass(frozen=True)
 class KerasWeights:
   """What `keras:NAME` means: the file and the network (our registry name) it holds weights for."""
+
   name: str
   model_name: str
   include_top: bool
 
 
 FILES: dict[str, KerasFile] = {
-    "xception": KerasFile(
-        "xception_weights_tf_dim_ordering_tf_kernels.h5",
-        _APPLICATIONS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
-        "0a58e3b7378bc2990ea3b43d5981f1f6"),
-    "xception_notop": KerasFile(
-        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _APPLICATIONS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "b0042744bf5b25fce3cb969f33bebb97"),
-    "inception_v3": KerasFile(
-        "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-        _APPLICATIONS_URL + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-        "9a0d58056eeedaa3f26cb7ebd46da564"),
-    "inception_v3_notop": KerasFile(
-        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _APPLICATIONS_URL + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "bcbd6486424b2319ff4ef7d526e38f63"),
-    CLASS_INDEX: KerasFile(
-        "imagenet_class_index.json",
-        "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
-        "c2c37ea517e94d9795004a39431a14cb"),
+  "xception": KerasFile(
+    "xception_weights_tf_dim_ordering_tf_kernels.h5",
+    _APPLICATIONS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
+    "0a58e3b7378bc2990ea3b43d5981f1f6",
+  ),
+  "xception_notop": KerasFile(
+    "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    _APPLICATIONS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "b0042744bf5b25fce3cb969f33bebb97",
+  ),
+  "inception_v3": KerasFile(
+    "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+    _APPLICATIONS_URL + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+    "9a0d58056eeedaa3f26cb7ebd46da564",
+  ),
+  "inception_v3_notop": KerasFile(
+    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    _APPLICATIONS_URL + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "bcbd6486424b2319ff4ef7d526e38f63",
+  ),
+  CLASS_INDEX: KerasFile(
+    "imagenet_class_index.json",
+    "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
+    "c2c37ea517e94d9795004a39431a14cb",
+  ),
 }
 
 WEIGHTS: dict[str, KerasWeights] = {
-    "xception": KerasWeights("xception", "xception", include_top=True),
-    "xception_notop": KerasWeights("xception_notop", "xception", include_top=False),
-    "inception_v3": KerasWeights("inception_v3", "inception_v3", include_top=True),
-    "inception_v3_notop": KerasWeights("inception_v3_notop", "inception_v3", include_top=False),
+  "xception": KerasWeights("xception", "xception", include_top=True),
+  "xception_notop": KerasWeights("xception_notop", "xception", include_top=False),
+  "inception_v3": KerasWeights("inception_v3", "inception_v3", include_top=True),
+  "inception_v3_notop": KerasWeights("inception_v3_notop", "inception_v3", include_top=False),
 }
 
 
@@ -106,10 +114,11 @@ def is_keras_spec(value: str) -> bool:
 
 def parse(spec: str, what: str = "init_from") -> KerasWeights:
   """'keras:xception' -> its KerasWeights; an unknown name is a ValueError listing the valid ones."""
-  name = spec[len(PREFIX):] if is_keras_spec(spec) else spec
+  name = spec[len(PREFIX) :] if is_keras_spec(spec) else spec
   if name not in WEIGHTS:
-    raise ValueError(f"{what}={spec!r}: Keras Applications weights are "
-                     f"{', '.join(PREFIX + n for n in WEIGHTS)}.")
+    raise ValueError(
+      f"{what}={spec!r}: Keras Applications weights are {', '.join(PREFIX + n for n in WEIGHTS)}."
+    )
   return WEIGHTS[name]
 
 
@@ -118,9 +127,10 @@ def check_model(spec: str, model_name: str, what: str = "config.init_from") -> K
   weights = parse(spec, what)
   if model_name != weights.model_name:
     raise ValueError(
-        f"{what}={spec!r} holds weights for model_name={weights.model_name!r} (Keras "
-        f"Applications' full network), but config.model_name={model_name!r}. Set "
-        f"config.model_name={weights.model_name!r}, or start from scratch (init_from='').")
+      f"{what}={spec!r} holds weights for model_name={weights.model_name!r} (Keras "
+      f"Applications' full network), but config.model_name={model_name!r}. Set "
+      f"config.model_name={weights.model_name!r}, or start from scratch (init_from='')."
+    )
   return weights
 
 
@@ -151,8 +161,10 @@ def md5sum(path: str) -> str:
 
 
 def _by_hand(file: KerasFile, path: str) -> str:
-  return (f"Download {file.url} on a machine with network access (e.g. `curl -o FILE URL`) and "
-          f"place it at {path} (md5 {file.md5}).")
+  return (
+    f"Download {file.url} on a machine with network access (e.g. `curl -o FILE URL`) and "
+    f"place it at {path} (md5 {file.md5})."
+  )
 
 
 def fetch(file: KerasFile, directory: str | None = None, *, timeout: float = 60.0) -> str:
@@ -175,13 +187,16 @@ def fetch(file: KerasFile, directory: str | None = None, *, timeout: float = 60.
     if found == file.md5:
       return path
     stale = f" The cached {path} has md5 {found}, not {file.md5}, so it was not used."
-    logging.warning("%s has md5 %s, expected %s: downloading it again from %s.", path, found,
-                    file.md5, file.url)
+    logging.warning(
+      "%s has md5 %s, expected %s: downloading it again from %s.", path, found, file.md5, file.url
+    )
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
-    raise KerasFileError(f"Cannot create the Keras cache folder {directory} ({e}). Set "
-                         "KERAS_HOME to a writable folder.") from e
+    raise KerasFileError(
+      f"Cannot create the Keras cache folder {directory} ({e}). Set "
+      "KERAS_HOME to a writable folder."
+    ) from e
   logging.info("Downloading %s to %s.", file.url, path)
   handle, partial = tempfile.mkstemp(prefix=f".{file.filename}.", suffix=".part", dir=directory)
   try:
@@ -192,16 +207,18 @@ def fetch(file: KerasFile, directory: str | None = None, *, timeout: float = 60.
         out.write(block)
     if digest.hexdigest() != file.md5:
       raise KerasFileError(
-          f"The file downloaded from {file.url} has md5 {digest.hexdigest()}, but Keras publishes "
-          f"it with md5 {file.md5}: it was deleted, not used (a proxy's error page, a truncated "
-          f"transfer or a changed file).{stale} {_by_hand(file, path)}")
+        f"The file downloaded from {file.url} has md5 {digest.hexdigest()}, but Keras publishes "
+        f"it with md5 {file.md5}: it was deleted, not used (a proxy's error page, a truncated "
+        f"transfer or a changed file).{stale} {_by_hand(file, path)}"
+      )
     os.replace(partial, path)
   except (urllib.error.URLError, OSError, ValueError) as e:
     if isinstance(e, KerasFileError):
       raise
     reason = getattr(e, "reason", None) or e
-    raise KerasFileError(f"Cannot download {file.url} ({reason}); no network?{stale} "
-                         f"{_by_hand(file, path)}") from e
+    raise KerasFileError(
+      f"Cannot download {file.url} ({reason}); no network?{stale} {_by_hand(file, path)}"
+    ) from e
   finally:
     if os.path.exists(partial):
       os.remove(partial)
@@ -220,6 +237,7 @@ def fetch_weights(spec: str, directory: str | None = None) -> tuple[KerasWeights
 @dataclasses.dataclass(frozen=True)
 class ImagenetClasses:
   """The 1,000 classes in Keras's order: `synsets[i]` and `names[i]` describe logit i."""
+
   synsets: tuple[str, ...]
   names: tuple[str, ...]
 
@@ -234,8 +252,10 @@ def tfds_imagenet_synsets() -> tuple[str, ...] | None:
   if spec is None or not spec.submodule_search_locations:
     return None
   root = list(spec.submodule_search_locations)[0]
-  for relative in ("datasets/imagenet2012/labels.txt",  # tfds >= 4.9
-                   "image_classification/imagenet2012_labels.txt"):  # older layout
+  for relative in (
+    "datasets/imagenet2012/labels.txt",  # tfds >= 4.9
+    "image_classification/imagenet2012_labels.txt",
+  ):  # older layout
     path = os.path.join(root, relative)
     if os.path.isfile(path):
       with open(path) as f:
@@ -243,28 +263,36 @@ def tfds_imagenet_synsets() -> tuple[str, ...] | None:
   return None
 
 
-def parse_class_index(index: dict[str, list[str]], source: str = "the class index",
-                      synsets: tuple[str, ...] | None = None) -> ImagenetClasses:
+def parse_class_index(
+  index: dict[str, list[str]],
+  source: str = "the class index",
+  synsets: tuple[str, ...] | None = None,
+) -> ImagenetClasses:
   """Keras's {"0": [synset, name], ...} -> ImagenetClasses in index order (0, 1, ..., 999).
 
   `synsets` (default: tfds's labels.txt, if installed) must agree with the index entry by entry.
   """
   expected_keys = {str(i) for i in range(NUM_IMAGENET_CLASSES)}
   if not isinstance(index, dict) or set(index) != expected_keys:
-    raise ValueError(f"{source} must map the keys '0'..'{NUM_IMAGENET_CLASSES - 1}' to "
-                     "[synset, name]; it does not.")
+    raise ValueError(
+      f"{source} must map the keys '0'..'{NUM_IMAGENET_CLASSES - 1}' to "
+      "[synset, name]; it does not."
+    )
   entries = [index[str(i)] for i in range(NUM_IMAGENET_CLASSES)]  # numeric order, not "10" < "2"
   if any(not isinstance(e, list) or len(e) != 2 for e in entries):
     raise ValueError(f"{source}: every entry must be [synset, name].")
   classes = ImagenetClasses(tuple(e[0] for e in entries), tuple(e[1] for e in entries))
   synsets = tfds_imagenet_synsets() if synsets is None else synsets
   if synsets is not None and tuple(synsets) != classes.synsets:
-    first = next((i for i, (a, b) in enumerate(zip(synsets, classes.synsets)) if a != b),
-                 min(len(synsets), len(classes.synsets)))
+    first = next(
+      (i for i, (a, b) in enumerate(zip(synsets, classes.synsets)) if a != b),
+      min(len(synsets), len(classes.synsets)),
+    )
     raise ValueError(
-        f"{source} and tensorflow-datasets' imagenet2012 labels.txt disagree on the class order "
-        f"(first at index {first}: {classes.synsets[first] if first < len(classes.synsets) else None}"
-        f" vs {synsets[first] if first < len(synsets) else None}).")
+      f"{source} and tensorflow-datasets' imagenet2012 labels.txt disagree on the class order "
+      f"(first at index {first}: {classes.synsets[first] if first < len(classes.synsets) else None}"
+      f" vs {synsets[first] if first < len(synsets) else None})."
+    )
   return classes
 
 
@@ -273,4 +301,3 @@ def imagenet_classes(directory: str | None = None) -> ImagenetClasses:
   path = fetch(FILES[CLASS_INDEX], directory)
   with open(path) as f:
     return parse_class_index(json.load(f), source=path)
-

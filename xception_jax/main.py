@@ -9,6 +9,7 @@
 hosts, TPU workers, launch/local.sh) connect through --coordinator_address/--num_processes/
 --process_id, or through JAX's own SLURM and Cloud TPU detection when those are not given.
 """
+
 import logging as std_logging
 import os
 import re
@@ -26,8 +27,11 @@ from xception_jax import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/quickstart.py or configs/imagenet.py:runlocal.",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, e.g. configs/quickstart.py or configs/imagenet.py:runlocal.",
+  lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
@@ -47,12 +51,15 @@ def _keep_console_readable() -> None:
     if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
       return False  # orbax's orphaned write tasks after a failed save: a traceback each at exit
     if f"{os.sep}orbax{os.sep}" in record.pathname and (
-        record.levelno >= std_logging.ERROR or "tracked_metric" in str(record.msg)):
+      record.levelno >= std_logging.ERROR or "tracked_metric" in str(record.msg)
+    ):
       # A failed asynchronous save is logged with its traceback by several orbax threads (about
       # 1,700 lines for a full disk); the same error reaches train.py, which reports it in one
       # line. "Requested `tracked_metric`" is every save without eval metrics: expected here.
       return False
-    return record.levelno >= std_logging.WARNING or f"{os.sep}xception_jax{os.sep}" in record.pathname
+    return (
+      record.levelno >= std_logging.WARNING or f"{os.sep}xception_jax{os.sep}" in record.pathname
+    )
 
   logging.get_absl_handler().addFilter(only_ours_below_warning)
   previous_hook = sys.excepthook
@@ -88,16 +95,18 @@ def _describe_config_error(argv: list[str], error: Exception) -> str:
     for arg in argv[1:]:
       name = arg.split("=", 1)[0]
       if name.startswith("--config.") and name.split(".")[-1] == key:
-        parent = name[len("--config."):].rpartition(".")[0]
+        parent = name[len("--config.") :].rpartition(".")[0]
         close = f"{parent}.{suggestion}" if parent else suggestion
         return f"{name}: the config has no field {key!r} (did you mean --config.{close}?)."
   key = text.splitlines()[0].strip("'\"") if text else ""
   for arg in argv[1:]:
     name = arg.split("=", 1)[0]
     if key and name.startswith("--config.") and name.split(".")[-1] == key:
-      parent = name[len("--config."):].rpartition(".")[0]
-      return (f"{name}: the config has no field {key!r}"
-              f"{f' under {parent}' if parent else ''}; valid fields are listed in the config file.")
+      parent = name[len("--config.") :].rpartition(".")[0]
+      return (
+        f"{name}: the config has no field {key!r}"
+        f"{f' under {parent}' if parent else ''}; valid fields are listed in the config file."
+      )
   first = text.splitlines()[0] if text else type(error).__name__
   return f"--config: {first}"
 
@@ -109,6 +118,7 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from xception_jax import preemption  # pylint: disable=g-import-not-at-top  (after initialize)
   from xception_jax import train  # pylint: disable=g-import-not-at-top
+
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.RUN_ERRORS as e:

@@ -7,15 +7,16 @@ are framed with the tensorboard package's record writer into a file of `xception
 both files work in a gs:// workdir and nothing imports TensorFlow (tensorboard's EventFileWriter
 goes through `tf.io.gfile`, which imports TensorFlow whenever it is installed).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 import itertools
 import json
 import math
 import os
 import socket
 import time
-from typing import Mapping
 
 from absl import logging
 import jax
@@ -24,7 +25,6 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from xception_jax import paths
-
 
 _WRITER_IDS = itertools.count()  # two writers in one process and second get two event files
 
@@ -40,10 +40,13 @@ class MetricWriter:
     if self.active:
       workdir = paths.resolve(workdir)
       self._jsonl = paths.open_append(workdir / "metrics.jsonl")
-      events_name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                     f"{os.getpid()}.{next(_WRITER_IDS)}")
+      events_name = (
+        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+        f"{os.getpid()}.{next(_WRITER_IDS)}"
+      )
       self._events_file = paths.open_append(
-          paths.makedirs(workdir / "tensorboard") / events_name, binary=True)
+        paths.makedirs(workdir / "tensorboard") / events_name, binary=True
+      )
       self._events = RecordWriter(self._events_file)
       self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
@@ -54,8 +57,9 @@ class MetricWriter:
     values = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self._jsonl.flush()
-    summary = summary_pb2.Summary(value=[
-        summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+    summary = summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+    )
     self._add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     logging.info("%s", self._progress_line(step, values))
 

@@ -10,9 +10,11 @@ arrays the sums reduce over the global batch.
 Padded rows may hold anything (even NaN logits): they are removed with `jnp.where`, never by
 multiplying with the mask (NaN * 0 = NaN).
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,9 @@ def _masked_sum(values: jax.Array, real: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- losses
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                          label_smoothing: float = 0.0) -> jax.Array:
+def softmax_cross_entropy(
+  logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
+) -> jax.Array:
   """Per-example softmax cross-entropy [batch], in float32 whatever the logits' dtype.
 
   Targets are (1 - label_smoothing) * one_hot + label_smoothing / num_classes, the convention of
@@ -54,8 +57,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int
   return -jnp.sum(targets * log_probs, axis=-1)
 
 
-def sigmoid_cross_entropy(logits: jax.Array, multi_hot: jax.Array,
-                          label_smoothing: float = 0.0) -> jax.Array:
+def sigmoid_cross_entropy(
+  logits: jax.Array, multi_hot: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
   """Per-example sigmoid cross-entropy [batch], SUMMED over classes, in float32.
 
   Sum, not mean, over classes: with ~17,000 classes and a few positives per image a mean would
@@ -80,8 +84,9 @@ def sigmoid_cross_entropy(logits: jax.Array, multi_hot: jax.Array,
 # ----------------------------------------------------------------------------- single-label
 
 
-def classification_counts(logits: jax.Array, labels: jax.Array,
-                          mask: jax.typing.ArrayLike) -> dict[str, jax.Array]:
+def classification_counts(
+  logits: jax.Array, labels: jax.Array, mask: jax.typing.ArrayLike
+) -> dict[str, jax.Array]:
   """Sums over the real examples of a batch: count, top1, top5, loss (float32 scalars).
 
   top1: argmax == label (ties go to the lowest class index, so all-equal logits are not "correct"
@@ -97,18 +102,19 @@ def classification_counts(logits: jax.Array, labels: jax.Array,
   top5 = jnp.any(top_idx == labels[:, None], axis=-1)
   loss = softmax_cross_entropy(logits_f, labels, num_classes)
   return dict(
-      count=jnp.sum(real.astype(jnp.float32)),
-      top1=_masked_sum(top1, real),
-      top5=_masked_sum(top5, real),
-      loss=_masked_sum(loss, real),
+    count=jnp.sum(real.astype(jnp.float32)),
+    top1=_masked_sum(top1, real),
+    top5=_masked_sum(top5, real),
+    loss=_masked_sum(loss, real),
   )
 
 
 # ----------------------------------------------------------------------------- multi-label
 
 
-def multilabel_counts(logits: jax.Array, multi_hot: jax.Array,
-                      mask: jax.typing.ArrayLike) -> dict[str, jax.Array]:
+def multilabel_counts(
+  logits: jax.Array, multi_hot: jax.Array, mask: jax.typing.ArrayLike
+) -> dict[str, jax.Array]:
   """Sums over the real examples: count, precision_at_1, loss (float32 scalars).
 
   precision_at_1: 1 when the image's top-scored class (argmax, lowest index on ties) is one of its
@@ -121,9 +127,9 @@ def multilabel_counts(logits: jax.Array, multi_hot: jax.Array,
   hit = jnp.take_along_axis(multi_hot, top[:, None], axis=-1)[:, 0] > 0
   loss = sigmoid_cross_entropy(logits_f, multi_hot)
   return dict(
-      count=jnp.sum(real.astype(jnp.float32)),
-      precision_at_1=_masked_sum(hit, real),
-      loss=_masked_sum(loss, real),
+    count=jnp.sum(real.astype(jnp.float32)),
+    precision_at_1=_masked_sum(hit, real),
+    loss=_masked_sum(loss, real),
   )
 
 
@@ -136,6 +142,7 @@ class MapState(NamedTuple):
     for empty slots).
   num_positives: [C] int32, positives of each class among ALL real images seen (not only the top K).
   """
+
   top_scores: jax.Array
   top_positive: jax.Array
   num_positives: jax.Array
@@ -146,14 +153,15 @@ def map_init(num_classes: int, k: int = MAP_AT) -> MapState:
   if num_classes < 1 or k < 1:
     raise ValueError(f"map_init needs num_classes >= 1 and k >= 1, got {num_classes}, {k}")
   return MapState(
-      top_scores=jnp.full((num_classes, k), -jnp.inf, jnp.float32),
-      top_positive=jnp.zeros((num_classes, k), bool),
-      num_positives=jnp.zeros((num_classes,), jnp.int32),
+    top_scores=jnp.full((num_classes, k), -jnp.inf, jnp.float32),
+    top_positive=jnp.zeros((num_classes, k), bool),
+    num_positives=jnp.zeros((num_classes,), jnp.int32),
   )
 
 
-def map_update(state: MapState, scores: jax.Array, multi_hot: jax.Array,
-               mask: jax.typing.ArrayLike) -> MapState:
+def map_update(
+  state: MapState, scores: jax.Array, multi_hot: jax.Array, mask: jax.typing.ArrayLike
+) -> MapState:
   """Merges a batch into the state; jittable.
 
   scores: [B, C], any score monotonic in the model's confidence (pass logits: sigmoid outputs
@@ -177,9 +185,9 @@ def map_update(state: MapState, scores: jax.Array, multi_hot: jax.Array,
   top_scores, idx = jax.lax.top_k(all_scores, k)
   top_positive = jnp.take_along_axis(all_positive, idx, axis=1)
   return MapState(
-      top_scores=top_scores,
-      top_positive=top_positive,
-      num_positives=state.num_positives + jnp.sum(positive, axis=0, dtype=jnp.int32),
+    top_scores=top_scores,
+    top_positive=top_positive,
+    num_positives=state.num_positives + jnp.sum(positive, axis=0, dtype=jnp.int32),
   )
 
 
@@ -216,8 +224,10 @@ def map_result(state: MapState, class_weights: Any = None) -> jax.Array:
     weights = jnp.ones((num_classes,), jnp.float32)
   elif isinstance(class_weights, str):
     if class_weights != "frequency":
-      raise ValueError(f"config.map_class_weighting={class_weights!r} is not valid; "
-                       "valid values: ['none', 'frequency']")
+      raise ValueError(
+        f"config.map_class_weighting={class_weights!r} is not valid; "
+        "valid values: ['none', 'frequency']"
+      )
     weights = state.num_positives.astype(jnp.float32)
   else:
     weights = jnp.asarray(class_weights, jnp.float32)
@@ -225,4 +235,3 @@ def map_result(state: MapState, class_weights: Any = None) -> jax.Array:
       raise ValueError(f"class_weights has shape {weights.shape}; expected ({num_classes},)")
   weights = jnp.where(has_positive, weights, 0.0)
   return jnp.sum(weights * map_per_class(state)) / jnp.sum(weights)
-

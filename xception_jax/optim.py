@@ -38,6 +38,7 @@ scaling, unlike decoupled AdamW-style decay). By default only the conv and dense
 biases, batch-norm scales and offsets do not (TF-Slim's arg_scope puts the regularizer on
 weights only).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,14 +88,17 @@ def decay_interval_steps(config: ml_collections.ConfigDict, steps_per_epoch: flo
   """
   if config.lr.decay_every_samples > 0:
     return config.lr.decay_every_samples / config.batch_size
-  _check(steps_per_epoch > 0,
-         f"steps_per_epoch={steps_per_epoch!r} must be > 0 to decay every "
-         f"config.lr.decay_every_epochs={config.lr.decay_every_epochs!r} epochs")
+  _check(
+    steps_per_epoch > 0,
+    f"steps_per_epoch={steps_per_epoch!r} must be > 0 to decay every "
+    f"config.lr.decay_every_epochs={config.lr.decay_every_epochs!r} epochs",
+  )
   return config.lr.decay_every_epochs * steps_per_epoch
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float,
-                           total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int
+) -> optax.Schedule:
   """The learning rate as a function of the optimizer step (one global batch per step).
 
   - ``exponential``: peak * decay_rate ** (step / decay_interval), floored when lr.staircase
@@ -113,10 +117,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
   peak = scaled_base_learning_rate(config)
   warmup_steps = float(lr.get("warmup_steps", 0) or lr.warmup_epochs * steps_per_epoch)
   if lr.warmup_epochs > 0 and not lr.get("warmup_steps", 0):
-    _check(steps_per_epoch > 0,
-           f"steps_per_epoch={steps_per_epoch!r} must be > 0 for config.lr.warmup_epochs > 0")
+    _check(
+      steps_per_epoch > 0,
+      f"steps_per_epoch={steps_per_epoch!r} must be > 0 for config.lr.warmup_epochs > 0",
+    )
 
   if lr.schedule == "constant":
+
     def after_warmup(step):
       return jnp.full(jnp.shape(step), peak, jnp.float32)
   elif lr.schedule == "exponential":
@@ -129,10 +136,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
         exponent = jnp.floor(exponent)
       return jnp.float32(peak) * jnp.power(jnp.float32(rate), exponent)
   else:  # cosine
-    _check(total_steps is not None and total_steps > warmup_steps,
-           f"config.lr.schedule='cosine' needs total_steps={total_steps!r} > warmup steps "
-           f"({warmup_steps}, from config.lr.warmup_epochs={lr.warmup_epochs!r} or "
-           f"warmup_steps={lr.get('warmup_steps', 0)!r})")
+    _check(
+      total_steps is not None and total_steps > warmup_steps,
+      f"config.lr.schedule='cosine' needs total_steps={total_steps!r} > warmup steps "
+      f"({warmup_steps}, from config.lr.warmup_epochs={lr.warmup_epochs!r} or "
+      f"warmup_steps={lr.get('warmup_steps', 0)!r})",
+    )
     span = float(total_steps) - warmup_steps
 
     def after_warmup(step):
@@ -185,35 +194,39 @@ def weight_decay_mask(params: Any, on: str = "kernels") -> Any:
   if on == "all":
     return jax.tree.map(lambda _: True, params)
   mask = jax.tree_util.tree_map_with_path(lambda path, _: is_kernel_path(path), params)
-  _check(any(jax.tree.leaves(mask)),
-         "config.weight_decay_on='kernels' but no parameter is named 'kernel' or '*_kernel'; "
-         "use weight_decay_on='all' or name the conv/dense weights 'kernel'")
+  _check(
+    any(jax.tree.leaves(mask)),
+    "config.weight_decay_on='kernels' but no parameter is named 'kernel' or '*_kernel'; "
+    "use weight_decay_on='all' or name the conv/dense weights 'kernel'",
+  )
   return mask
 
 
 # ----------------------------------------------------------------------------- optimizer
 
 
-def _base_optimizer(config: ml_collections.ConfigDict,
-                    schedule: optax.Schedule) -> optax.GradientTransformation:
+def _base_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   opt = config.optimizer
   momentum = float(opt.momentum) if opt.momentum > 0 else None
   if opt.name == "sgd":
     return optax.sgd(schedule, momentum=momentum, nesterov=bool(opt.nesterov))
   return optax.rmsprop(  # rmsprop_tf or rmsprop_keras
-      schedule,
-      decay=float(opt.rms_decay),
-      eps=float(opt.eps),
-      initial_scale=1.0 if opt.name == "rmsprop_tf" else 0.0,
-      eps_in_sqrt=True,
-      centered=False,
-      momentum=momentum,
-      nesterov=False,
+    schedule,
+    decay=float(opt.rms_decay),
+    eps=float(opt.eps),
+    initial_scale=1.0 if opt.name == "rmsprop_tf" else 0.0,
+    eps_in_sqrt=True,
+    centered=False,
+    momentum=momentum,
+    nesterov=False,
   )
 
 
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: float,
-                     total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The full gradient transformation and its learning-rate schedule.
 
   Chain: L2 weight decay (grad += wd * w, masked by config.weight_decay_on) -> global-norm
@@ -227,8 +240,11 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: float,
   parts = []
   if config.weight_decay > 0:
     on = config.weight_decay_on
-    parts.append(optax.add_decayed_weights(float(config.weight_decay),
-                                           mask=lambda params: weight_decay_mask(params, on)))
+    parts.append(
+      optax.add_decayed_weights(
+        float(config.weight_decay), mask=lambda params: weight_decay_mask(params, on)
+      )
+    )
   if config.optimizer.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.optimizer.grad_clip_norm)))
   parts.append(_base_optimizer(config, schedule))

@@ -14,14 +14,15 @@ Cloud objects cannot be appended to or renamed atomically, so:
     memory and rewrites the object when flushed (at most every `min_upload_interval` seconds,
     and on close), which is cheap for the small logs written this way.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
 import time
-import uuid
 from typing import Any
+import uuid
 
 from etils import epath
 
@@ -96,15 +97,15 @@ def copy_tree(source: PathLike, target: PathLike, *, last: str | None = None) ->
   while folders:  # epath refuses '**' globs on gs://
     for path in folders.pop().iterdir():
       (folders if path.is_dir() else files).append(path)
-  names = sorted((os.path.relpath(os.fspath(f), os.fspath(source)) for f in files),
-                 key=lambda name: name == last)
+  names = sorted(
+    (os.path.relpath(os.fspath(f), os.fspath(source)) for f in files), key=lambda name: name == last
+  )
   for name in names:
     (target / name).parent.mkdir(parents=True, exist_ok=True)
     (source / name).copy(target / name, overwrite=True)
 
 
-def open_append(path: PathLike, *, binary: bool = False,
-                min_upload_interval: float = 30.0) -> Any:
+def open_append(path: PathLike, *, binary: bool = False, min_upload_interval: float = 30.0) -> Any:
   """A file opened for appending, local or remote (see the module docstring)."""
   if not is_remote(path):
     return open(os.fspath(path), "ab" if binary else "a")

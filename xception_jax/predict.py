@@ -16,13 +16,15 @@ and for a file that failed: {"file": ..., "predictions": [], "error": "file not 
 Exit status: 0 all files classified; 1 some files failed; 2 bad arguments or an unusable export.
 Only numpy, PIL and jax are needed (no TensorFlow, no Flax): see `xception_jax.serving`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
+from typing import TextIO
 
 from absl import flags
 import numpy as np
@@ -50,8 +52,10 @@ class ProgressBar:
     rate = self.done / max(time.monotonic() - self.start, 1e-9)
     if self.interactive:
       filled = int(30 * self.done / self.total)
-      self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                        f"{self.label} ({rate:.1f}/s)")
+      self.stream.write(
+        f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+        f"{self.label} ({rate:.1f}/s)"
+      )
     else:
       decile = 10 * self.done // self.total
       if decile == self._last_decile:
@@ -66,9 +70,14 @@ class ProgressBar:
       self.stream.flush()
 
 
-def classify(predictor: serving.Predictor, paths: Sequence[str], *, top_k: int = 5,
-             batch_size: int = DEFAULT_BATCH_SIZE,
-             progress: ProgressBar | None = None) -> list[dict[str, Any]]:
+def classify(
+  predictor: serving.Predictor,
+  paths: Sequence[str],
+  *,
+  top_k: int = 5,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  progress: ProgressBar | None = None,
+) -> list[dict[str, Any]]:
   """Top-k predictions per file; unreadable files get an error instead, the others still run.
 
   Returns one {'file', 'predictions': [{'label', 'score', 'index'}], 'error'} per path, in order.
@@ -109,15 +118,26 @@ def format_text(results: Sequence[dict[str, Any]]) -> str:
 
 PROG = "python -m xception_jax.predict"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", None, "The export directory (python -m xception_jax.export).",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "model", None, "The export directory (python -m xception_jax.export).", flag_values=FLAGS
+)
 flags.DEFINE_integer("top_k", 5, "How many labels to print per image.", flag_values=FLAGS)
-flags.DEFINE_bool("json", False, "Print a JSON list, one {file, predictions, error} object per "
-                  "image.", flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per call of the model.",
-                     flag_values=FLAGS)
-flags.DEFINE_enum("progress", "auto", ["auto", "always", "never"], "Progress bar on stderr; "
-                  "auto = when there is more than one batch.", flag_values=FLAGS)
+flags.DEFINE_bool(
+  "json",
+  False,
+  "Print a JSON list, one {file, predictions, error} object per image.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "batch_size", DEFAULT_BATCH_SIZE, "Images per call of the model.", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "progress",
+  "auto",
+  ["auto", "always", "never"],
+  "Progress bar on stderr; auto = when there is more than one batch.",
+  flag_values=FLAGS,
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> list[str]:
@@ -145,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   show = {"always": True, "never": False}.get(FLAGS.progress, len(images) > FLAGS.batch_size)
   progress = ProgressBar(len(images)) if show else None
   try:
-    results = classify(predictor, images, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
-                       progress=progress)
+    results = classify(
+      predictor, images, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size, progress=progress
+    )
   finally:
     if progress is not None:
       progress.close()
@@ -156,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_text(results))
   failed = [r["file"] for r in results if r["error"] is not None]
   if failed:
-    print(f"{len(failed)} of {len(results)} file(s) could not be classified: "
-          f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}", file=sys.stderr)
+    print(
+      f"{len(failed)} of {len(results)} file(s) could not be classified: "
+      f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}",
+      file=sys.stderr,
+    )
     return 1
   return 0
 

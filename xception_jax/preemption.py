@@ -21,6 +21,7 @@ COMPLETED and a script does not go on as if it had finished, and distinct from c
 bad usage (2) and deaths by signal (128 + n), so launch/slurm.sh requeues the job on exactly this
 status and launch/local.sh passes it through.
 """
+
 from __future__ import annotations
 
 import signal
@@ -39,14 +40,17 @@ class PreemptionWatcher:
   def __init__(self):
     self.requested = False
     self._previous = None
-    self._use_jax_sync = (jax.process_count() > 1 and
-                          getattr(_distributed.global_state, "preemption_sync_manager", None)
-                          is not None)
+    self._use_jax_sync = (
+      jax.process_count() > 1
+      and getattr(_distributed.global_state, "preemption_sync_manager", None) is not None
+    )
     if self._use_jax_sync:
       return
     if jax.process_count() > 1:
-      logging.warning("JAX's preemption service is off (jax_enable_preemption_service): SIGTERM "
-                      "is agreed between processes only at log steps.")
+      logging.warning(
+        "JAX's preemption service is off (jax_enable_preemption_service): SIGTERM "
+        "is agreed between processes only at log steps."
+      )
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no preemption

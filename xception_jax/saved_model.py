@@ -4,9 +4,11 @@ TensorFlow is optional: `export` writes the SavedModel when it is importable (or
 everything else in an export (variables.npz, inference.jaxexport) needs only jax. So TensorFlow
 and jax2tf are imported inside `available` and `write`, never when this module is imported.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,15 +19,21 @@ from xception_jax import serving
 def available() -> bool:
   """Whether TensorFlow with jax.experimental.jax2tf can be imported here."""
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top,unused-import
+    from jax.experimental import jax2tf  # noqa: F401  (is it importable?)
+    import tensorflow  # noqa: F401
   except ImportError:
     return False
   return True
 
 
-def write(path: str, infer: Callable, flat_variables: dict[str, np.ndarray], image_size: int,
-          crop_fraction: float, platforms: Sequence[str]) -> dict[str, Any]:
+def write(
+  path: str,
+  infer: Callable,
+  flat_variables: dict[str, np.ndarray],
+  image_size: int,
+  crop_fraction: float,
+  platforms: Sequence[str],
+) -> dict[str, Any]:
   """A TF SavedModel of `infer` (jax2tf, native serialization) with two signatures.
 
   `serving_default(image_bytes: string[b])` decodes and preprocesses in TF exactly as evaluation
@@ -35,16 +43,21 @@ def write(path: str, infer: Callable, flat_variables: dict[str, np.ndarray], ima
   (not constants), as the jax2tf guide recommends for large models.
   """
   # TensorFlow is optional (export works without it), so it is imported here only.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from xception_jax.data import preprocess_tf  # pylint: disable=g-import-not-at-top  (TF eval path)
   from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
 
   tf_host.hide_accelerators()
 
   names = sorted(flat_variables)
-  converted = jax2tf.convert(infer, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
-                             native_serialization_platforms=tuple(platforms))
+  converted = jax2tf.convert(
+    infer,
+    polymorphic_shapes=[None, "(b, ...)"],
+    with_gradient=False,
+    native_serialization_platforms=tuple(platforms),
+  )
   module = tf.Module()
   # A list, not a dict: '/' in dict keys would become part of the checkpoint's object paths.
   module.variables_list = [tf.Variable(flat_variables[n], trainable=False) for n in names]
@@ -59,18 +72,24 @@ def write(path: str, infer: Callable, flat_variables: dict[str, np.ndarray], ima
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
   def serving_default(image_bytes):
-    images = tf.map_fn(decode, image_bytes,
-                       fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+    images = tf.map_fn(
+      decode,
+      image_bytes,
+      fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+    )
     return predict_images(images)
 
   module.predict_images = predict_images
   module.serving_default = serving_default
-  tf.saved_model.save(module, path, signatures={"serving_default": serving_default,
-                                                "predict_images": predict_images})
-  return {"dir": serving.SAVED_MODEL_DIR,
-          "signatures": {
-              "serving_default": "image_bytes: string[b] (encoded JPEG/PNG/GIF/BMP) -> "
-                                 "{logits, probabilities}",
-              "predict_images": "images: float32[b, S, S, 3] in [-1, 1] -> "
-                                "{logits, probabilities}"},
-          "jax2tf": "native serialization"}
+  tf.saved_model.save(
+    module, path, signatures={"serving_default": serving_default, "predict_images": predict_images}
+  )
+  return {
+    "dir": serving.SAVED_MODEL_DIR,
+    "signatures": {
+      "serving_default": "image_bytes: string[b] (encoded JPEG/PNG/GIF/BMP) -> "
+      "{logits, probabilities}",
+      "predict_images": "images: float32[b, S, S, 3] in [-1, 1] -> {logits, probabilities}",
+    },
+    "jax2tf": "native serialization",
+  }

@@ -17,15 +17,17 @@ with those unimportable). Without this package at all:
     exported = jax.export.deserialize(bytearray(open(f"{d}/inference.jaxexport", "rb").read()))
     outputs = exported.call(dict(np.load(f"{d}/variables.npz")), preprocessed_images)
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Sequence
 import hashlib
 import json
 import os
 import tempfile
-import zipfile
-from collections.abc import Iterable, Sequence
 from typing import Any
+import zipfile
 
 import jax
 import numpy as np
@@ -73,17 +75,20 @@ def sha256(path: str) -> str:
 
 def _incomplete(export_dir: str) -> ExportFormatError:
   return ExportFormatError(
-      f"{export_dir} is not a complete export: {METADATA_FILE} is missing (it is written last, "
-      "so the export was interrupted or this is another kind of folder). Re-run "
-      "`python -m xception_jax.export`.")
+    f"{export_dir} is not a complete export: {METADATA_FILE} is missing (it is written last, "
+    "so the export was interrupted or this is another kind of folder). Re-run "
+    "`python -m xception_jax.export`."
+  )
 
 
 def read_metadata(export_dir: PathLike) -> dict[str, Any]:
   """export.json of an export directory, after checking the format name and version."""
   export_dir = os.fspath(export_dir)
   if not os.path.isdir(export_dir):
-    raise ExportFormatError(f"{export_dir} is not a directory: expected an export made by "
-                            "`python -m xception_jax.export`.")
+    raise ExportFormatError(
+      f"{export_dir} is not a directory: expected an export made by "
+      "`python -m xception_jax.export`."
+    )
   path = os.path.join(export_dir, METADATA_FILE)
   if not os.path.isfile(path):
     raise _incomplete(export_dir)
@@ -94,15 +99,15 @@ def read_metadata(export_dir: PathLike) -> dict[str, Any]:
     raise ExportFormatError(f"{path} is not valid JSON ({e}): the export is damaged.") from e
   found = metadata.get("format") if isinstance(metadata, dict) else None
   if found != FORMAT_NAME:
-    raise ExportFormatError(f"{path} does not describe an {FORMAT_NAME} export "
-                            f"(format={found!r}).")
+    raise ExportFormatError(f"{path} does not describe an {FORMAT_NAME} export (format={found!r}).")
   version = metadata.get("format_version")
   if version != FORMAT_VERSION:
     raise ExportFormatError(
-        f"{export_dir} was written in export format version {version!r}; this version of "
-        f"xception_jax reads format version {FORMAT_VERSION} only. Re-export the training run "
-        f"with this version (python -m xception_jax.export), or use the xception_jax version that "
-        f"wrote it ({metadata.get('versions', {}).get('xception_jax', 'unknown')}).")
+      f"{export_dir} was written in export format version {version!r}; this version of "
+      f"xception_jax reads format version {FORMAT_VERSION} only. Re-export the training run "
+      f"with this version (python -m xception_jax.export), or use the xception_jax version that "
+      f"wrote it ({metadata.get('versions', {}).get('xception_jax', 'unknown')})."
+    )
   return metadata
 
 
@@ -117,11 +122,15 @@ def _check_files(export_dir: str, metadata: dict[str, Any], verify_hashes: bool)
       raise ExportFormatError(f"{export_dir}/{METADATA_FILE} lists no size/hash for {name}.")
     size = os.path.getsize(path)
     if size != expected["bytes"]:
-      raise ExportFormatError(f"{path} has {size} bytes but the export wrote {expected['bytes']}: "
-                              "the file is truncated or was replaced. Copy or re-export it.")
+      raise ExportFormatError(
+        f"{path} has {size} bytes but the export wrote {expected['bytes']}: "
+        "the file is truncated or was replaced. Copy or re-export it."
+      )
     if verify_hashes and sha256(path) != expected["sha256"]:
-      raise ExportFormatError(f"{path} does not match its sha256 in {METADATA_FILE}: the file is "
-                              "corrupted or was replaced. Copy or re-export it.")
+      raise ExportFormatError(
+        f"{path} does not match its sha256 in {METADATA_FILE}: the file is "
+        "corrupted or was replaced. Copy or re-export it."
+      )
 
 
 def _load_variables(path: str) -> dict[str, np.ndarray]:
@@ -132,20 +141,22 @@ def _load_variables(path: str) -> dict[str, np.ndarray]:
     raise ExportFormatError(f"{path} cannot be read as a numpy .npz archive ({e}).") from e
 
 
-def _deserialize(path: str, metadata: dict[str, Any]) -> "jax.export.Exported":
+def _deserialize(path: str, metadata: dict[str, Any]) -> jax.export.Exported:
   with open(path, "rb") as f:
     serialized = bytearray(f.read())
   try:
     return jax.export.deserialize(serialized)
   except Exception as e:  # flatbuffer / version errors have no common exception type
     raise ExportFormatError(
-        f"{path} cannot be deserialized by jax {jax.__version__} ({type(e).__name__}: {e}). It was "
-        f"written by jax {metadata.get('versions', {}).get('jax', 'unknown')}; jax.export "
-        "artifacts load for about 6 months of jax releases: re-export with this jax.") from e
+      f"{path} cannot be deserialized by jax {jax.__version__} ({type(e).__name__}: {e}). It was "
+      f"written by jax {metadata.get('versions', {}).get('jax', 'unknown')}; jax.export "
+      "artifacts load for about 6 months of jax releases: re-export with this jax."
+    ) from e
 
 
-def load(export_dir: PathLike, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-         verify_hashes: bool = True) -> "Predictor":
+def load(
+  export_dir: PathLike, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, verify_hashes: bool = True
+) -> Predictor:
   """Loads an export directory as a `Predictor`, checking it is complete and compatible.
 
   Raises:
@@ -166,8 +177,9 @@ def load(export_dir: PathLike, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
   _check_files(export_dir, metadata, verify_hashes)
   variables = _load_variables(os.path.join(export_dir, VARIABLES_FILE))
   exported = _deserialize(os.path.join(export_dir, FUNCTION_FILE), metadata)
-  return Predictor(metadata, exported, variables, export_dir=export_dir,
-                   max_batch_size=max_batch_size)
+  return Predictor(
+    metadata, exported, variables, export_dir=export_dir, max_batch_size=max_batch_size
+  )
 
 
 def _bucket(n: int, max_batch_size: int) -> int:
@@ -183,9 +195,15 @@ class Predictor:
   power of two so that few batch shapes are ever compiled.
   """
 
-  def __init__(self, metadata: dict[str, Any], exported: "jax.export.Exported",
-               variables: dict[str, np.ndarray], *, export_dir: str = "",
-               max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+  def __init__(
+    self,
+    metadata: dict[str, Any],
+    exported: jax.export.Exported,
+    variables: dict[str, np.ndarray],
+    *,
+    export_dir: str = "",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+  ):
     if max_batch_size < 1:
       raise ValueError(f"max_batch_size={max_batch_size} must be >= 1.")
     self.metadata = metadata
@@ -197,14 +215,19 @@ class Predictor:
       self.num_classes = int(metadata["model"]["num_classes"])
       self.multi_label = bool(metadata["output"]["multi_label"])
     except (KeyError, TypeError, ValueError) as e:
-      raise ExportFormatError(f"{export_dir or 'the export'}/{METADATA_FILE} lacks a valid "
-                              f"{e} entry: the file was edited or damaged; re-export.") from e
+      raise ExportFormatError(
+        f"{export_dir or 'the export'}/{METADATA_FILE} lacks a valid "
+        f"{e} entry: the file was edited or damaged; re-export."
+      ) from e
     names = metadata.get("class_names")
     if names is not None and len(names) != self.num_classes:
-      raise ExportFormatError(f"{export_dir or 'the export'}/{METADATA_FILE} lists {len(names)} "
-                              f"class names for {self.num_classes} classes.")
-    self.class_names: list[str] = (list(names) if names is not None
-                                   else [str(i) for i in range(self.num_classes)])
+      raise ExportFormatError(
+        f"{export_dir or 'the export'}/{METADATA_FILE} lists {len(names)} "
+        f"class names for {self.num_classes} classes."
+      )
+    self.class_names: list[str] = (
+      list(names) if names is not None else [str(i) for i in range(self.num_classes)]
+    )
     self._check_signature(exported, variables)
     self._exported = exported
     self._variables = jax.device_put(variables)
@@ -217,22 +240,29 @@ class Predictor:
       spec_tree = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
       expected = spec_tree[0][0]
     except Exception as e:  # pylint: disable=broad-except
-      raise ExportFormatError(f"{where}: {FUNCTION_FILE} does not have the signature "
-                              f"f(variables, images) of this export format ({e}).") from e
+      raise ExportFormatError(
+        f"{where}: {FUNCTION_FILE} does not have the signature "
+        f"f(variables, images) of this export format ({e})."
+      ) from e
     missing = sorted(set(expected) - set(variables))
     extra = sorted(set(variables) - set(expected))
     if missing or extra:
-      raise ExportFormatError(f"{where}: {VARIABLES_FILE} does not match {FUNCTION_FILE}: missing "
-                              f"{missing[:5]}, unexpected {extra[:5]}.")
+      raise ExportFormatError(
+        f"{where}: {VARIABLES_FILE} does not match {FUNCTION_FILE}: missing "
+        f"{missing[:5]}, unexpected {extra[:5]}."
+      )
     for name, aval in expected.items():
       if tuple(aval.shape) != variables[name].shape or aval.dtype != variables[name].dtype:
         raise ExportFormatError(
-            f"{where}: variable {name} is {variables[name].dtype}{list(variables[name].shape)} in "
-            f"{VARIABLES_FILE} but the function expects {aval.dtype}{list(aval.shape)}.")
+          f"{where}: variable {name} is {variables[name].dtype}{list(variables[name].shape)} in "
+          f"{VARIABLES_FILE} but the function expects {aval.dtype}{list(aval.shape)}."
+        )
     image_aval = spec_tree[0][1]
     if tuple(image_aval.shape[1:]) != (self.image_size, self.image_size, 3):
-      raise ExportFormatError(f"{where}: {FUNCTION_FILE} takes images {image_aval.shape} but "
-                              f"{METADATA_FILE} says image_size={self.image_size}.")
+      raise ExportFormatError(
+        f"{where}: {FUNCTION_FILE} takes images {image_aval.shape} but "
+        f"{METADATA_FILE} says image_size={self.image_size}."
+      )
 
   # --- Preprocessing.
 
@@ -258,8 +288,9 @@ class Predictor:
       try:
         return preprocess_numpy.eval_image(bytes(image), self.image_size, self.crop_fraction)
       except Image.UnidentifiedImageError:
-        raise ImageError(source, "not an image file PIL can decode (JPEG, PNG, GIF, BMP, ...)") \
-            from None
+        raise ImageError(
+          source, "not an image file PIL can decode (JPEG, PNG, GIF, BMP, ...)"
+        ) from None
       except Image.DecompressionBombError as e:
         raise ImageError(source, f"too large to decode safely ({e})") from None
       except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
@@ -267,16 +298,25 @@ class Predictor:
     if isinstance(image, jax.Array):
       image = np.asarray(image)
     if not isinstance(image, np.ndarray):
-      raise ImageError(source, f"expected a uint8 [H, W, 3] numpy array, a file path or encoded "
-                               f"bytes, got {type(image).__name__}")
+      raise ImageError(
+        source,
+        f"expected a uint8 [H, W, 3] numpy array, a file path or encoded "
+        f"bytes, got {type(image).__name__}",
+      )
     if image.dtype != np.uint8:
-      raise ImageError(source, f"dtype {image.dtype}: image arrays must be uint8 [H, W, 3] with "
-                               "values 0..255 (for already preprocessed float32 batches use "
-                               "Predictor.run)")
+      raise ImageError(
+        source,
+        f"dtype {image.dtype}: image arrays must be uint8 [H, W, 3] with "
+        "values 0..255 (for already preprocessed float32 batches use "
+        "Predictor.run)",
+      )
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 2, 3, 4)):
-      raise ImageError(source, f"shape {image.shape}: expected [H, W, 3] (RGB), or [H, W] / "
-                               "[H, W, 1] grey, [H, W, 4] RGBA; a batch must be given as a list "
-                               "or a uint8 [N, H, W, 3] array")
+      raise ImageError(
+        source,
+        f"shape {image.shape}: expected [H, W, 3] (RGB), or [H, W] / "
+        "[H, W, 1] grey, [H, W, 4] RGBA; a batch must be given as a list "
+        "or a uint8 [N, H, W, 3] array",
+      )
     if 0 in image.shape[:2]:
       raise ImageError(source, f"shape {image.shape} has no pixels")
     return preprocess_numpy.eval_image(image, self.image_size, self.crop_fraction)
@@ -286,25 +326,34 @@ class Predictor:
   def check_batch(self, images: Any) -> np.ndarray:
     """Validates a preprocessed batch: float32 [b, S, S, 3], b >= 1. Returns it as numpy."""
     if isinstance(images, (list, tuple)):
-      raise TypeError("Predictor.run takes one preprocessed float32 array [batch, S, S, 3]; "
-                      "for a list of images or paths use Predictor.predict.")
+      raise TypeError(
+        "Predictor.run takes one preprocessed float32 array [batch, S, S, 3]; "
+        "for a list of images or paths use Predictor.predict."
+      )
     images = np.asarray(images) if isinstance(images, jax.Array) else images
     if not isinstance(images, np.ndarray):
-      raise TypeError(f"Expected a numpy float32 array [batch, {self.image_size}, "
-                      f"{self.image_size}, 3], got {type(images).__name__}.")
+      raise TypeError(
+        f"Expected a numpy float32 array [batch, {self.image_size}, "
+        f"{self.image_size}, 3], got {type(images).__name__}."
+      )
     expected = f"float32 [batch, {self.image_size}, {self.image_size}, 3] in [-1, 1]"
     if images.dtype != np.float32:
       hint = " (raw uint8 images go through Predictor.predict)" if images.dtype == np.uint8 else ""
       raise ValueError(f"images have dtype {images.dtype}; expected {expected}{hint}.")
     if images.ndim != 4:
-      raise ValueError(f"images have rank {images.ndim} (shape {images.shape}); expected "
-                       f"{expected}. A single image needs a leading batch axis: images[None].")
+      raise ValueError(
+        f"images have rank {images.ndim} (shape {images.shape}); expected "
+        f"{expected}. A single image needs a leading batch axis: images[None]."
+      )
     if images.shape[-1] != 3:
-      raise ValueError(f"images have {images.shape[-1]} channels (shape {images.shape}); "
-                       f"expected {expected}, RGB.")
+      raise ValueError(
+        f"images have {images.shape[-1]} channels (shape {images.shape}); expected {expected}, RGB."
+      )
     if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} (shape {images.shape}); "
-                       f"this model takes {expected}. Preprocess with Predictor.preprocess.")
+      raise ValueError(
+        f"images are {images.shape[1]}x{images.shape[2]} (shape {images.shape}); "
+        f"this model takes {expected}. Preprocess with Predictor.preprocess."
+      )
     if images.shape[0] == 0:
       raise ValueError(f"images is an empty batch (shape {images.shape}).")
     return images
@@ -314,7 +363,7 @@ class Predictor:
     images = self.check_batch(images)
     results = []
     for start in range(0, images.shape[0], self.max_batch_size):
-      chunk = images[start:start + self.max_batch_size]
+      chunk = images[start : start + self.max_batch_size]
       n = chunk.shape[0]
       padded = _bucket(n, self.max_batch_size)
       if padded > n:
@@ -339,20 +388,25 @@ class Predictor:
         the readable ones and report the others, see `xception_jax.predict.classify`.
     """
     if isinstance(images, (str, os.PathLike, bytes, bytearray)):
-      raise TypeError(f"predict takes a list of images; wrap the single {type(images).__name__} "
-                      "in a list: predict([image]).")
+      raise TypeError(
+        f"predict takes a list of images; wrap the single {type(images).__name__} "
+        "in a list: predict([image])."
+      )
     if isinstance(images, (np.ndarray, jax.Array)):
       images = np.asarray(images)
       if images.ndim != 4:
-        raise ValueError(f"An image array passed to predict must be a uint8 batch [N, H, W, 3]; "
-                         f"got shape {images.shape}. Pass one image as predict([image]).")
+        raise ValueError(
+          f"An image array passed to predict must be a uint8 batch [N, H, W, 3]; "
+          f"got shape {images.shape}. Pass one image as predict([image])."
+        )
     elif not isinstance(images, Iterable):
       raise TypeError(f"predict takes a list of images, got {type(images).__name__}.")
     images = list(images)
     if not images:
       return np.zeros((0, self.num_classes), np.float32)
-    batch = np.stack([self.preprocess(image, _describe(image, i))
-                      for i, image in enumerate(images)])
+    batch = np.stack(
+      [self.preprocess(image, _describe(image, i)) for i, image in enumerate(images)]
+    )
     return self.predict_preprocessed(batch)
 
   def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
@@ -360,9 +414,11 @@ class Predictor:
     if k < 1:
       raise ValueError(f"k={k} must be >= 1.")
     probabilities = np.asarray(probabilities)
-    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :min(k, self.num_classes)]
-    return [[{"label": self.class_names[j], "score": float(row[j]), "index": int(j)} for j in idx]
-            for row, idx in zip(probabilities, order)]
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, : min(k, self.num_classes)]
+    return [
+      [{"label": self.class_names[j], "score": float(row[j]), "index": int(j)} for j in idx]
+      for row, idx in zip(probabilities, order)
+    ]
 
 
 def _describe(image: Any, index: int) -> str:

@@ -9,17 +9,20 @@ preemption or a NaN); how write failures become one-line errors. What one step d
 Nothing here imports TensorFlow: only the input pipeline does, and only for non-synthetic
 datasets.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 import math
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -52,15 +55,19 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   n_model = config.mesh.model
   n_data = config.mesh.data if config.mesh.data > 0 else jax.device_count() // n_model
   if n_data * n_model != jax.device_count():
-    raise ValueError(f"config.mesh: data={config.mesh.data} x model={n_model} must use all "
-                     f"{jax.device_count()} devices (data=-1 picks the rest).")
+    raise ValueError(
+      f"config.mesh: data={config.mesh.data} x model={n_model} must use all "
+      f"{jax.device_count()} devices (data=-1 picks the rest)."
+    )
   # Auto axes: classic GSPMD propagation from the jit's in/out shardings.
-  return jax.make_mesh((n_data, n_model), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(
+    (n_data, n_model), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
 
 
-def load_pretrained(config: ml_collections.ConfigDict, model,
-                    state: steps.TrainState) -> steps.TrainState:
+def load_pretrained(
+  config: ml_collections.ConfigDict, model, state: steps.TrainState
+) -> steps.TrainState:
   """Starts from `config.init_from`: another run's checkpoint (its EMA weights), a Keras weight
   file (.h5, .weights.h5, .keras) or `keras:NAME` (Keras Applications' ImageNet weights, fetched
   and cached by `keras_weights`).
@@ -73,6 +80,7 @@ def load_pretrained(config: ml_collections.ConfigDict, model,
     path = keras_weights.fetch_weights(path)[1]
   if path.endswith((".h5", ".hdf5", ".keras")):
     from xception_jax import convert  # pylint: disable=g-import-not-at-top
+
     source = convert.from_keras_h5(path, model)
   else:
     source = checkpointing.load_variables(path, use_ema=True)
@@ -90,20 +98,27 @@ def load_pretrained(config: ml_collections.ConfigDict, model,
         skipped.append(name)
       else:
         got = np.shape(loaded[name]) if name in loaded else "missing"
-        raise ValueError(f"config.init_from={path!r}: layer {name!r} has shape {got} there but "
-                         f"{np.shape(value)} in {config.model_name}.")
+        raise ValueError(
+          f"config.init_from={path!r}: layer {name!r} has shape {got} there but "
+          f"{np.shape(value)} in {config.model_name}."
+        )
     if skipped:
-      logging.warning("init_from: kept the freshly initialised head for %s (class count differs).",
-                      skipped)
+      logging.warning(
+        "init_from: kept the freshly initialised head for %s (class count differs).", skipped
+      )
     merged[collection] = traverse_util.unflatten_dict(out, sep="/")
   # Two separate device copies each: the train step donates the state, and the same buffer given
   # twice (as params and as ema_params) makes XLA refuse to run it. np.array copies the host
   # array first, since device_put may alias a numpy array's memory on the CPU instead of copying.
   put = lambda name: jax.device_put(  # noqa: E731
-      jax.tree.map(np.array, merged[name]),
-      jax.tree.map(lambda x: x.sharding, getattr(state, name)))
-  return state.replace(params=put("params"), batch_stats=put("batch_stats"),
-                       ema_params=put("params"), ema_batch_stats=put("batch_stats"))
+    jax.tree.map(np.array, merged[name]), jax.tree.map(lambda x: x.sharding, getattr(state, name))
+  )
+  return state.replace(
+    params=put("params"),
+    batch_stats=put("batch_stats"),
+    ema_params=put("params"),
+    ema_batch_stats=put("batch_stats"),
+  )
 
 
 def _num_classes_of(model) -> int:
@@ -136,8 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = make_mesh(config)
   config_check.validate(config, mesh.shape["data"], jax.process_count())
   info = data.dataset_info(config)
-  loss_kind = (config.loss if config.loss != "auto"
-               else "sigmoid" if info.multi_label else "softmax")
+  loss_kind = config.loss if config.loss != "auto" else "sigmoid" if info.multi_label else "softmax"
   model = create_model(config, info.num_classes)
   per_epoch = steps_per_epoch(config, info)
   num_steps = total_steps(config, info)
@@ -149,7 +163,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     paths.makedirs(workdir)
   except OSError as e:
-    raise _as_write_error(e, workdir) or e
+    error = _as_write_error(e, workdir)
+    if error is None:
+      raise
+    raise error from e
   lock = _lock_workdir(workdir)
   preemption = preemption_lib.PreemptionWatcher()  # SIGTERM from here on saves and stops
   manager = writer = None
@@ -158,12 +175,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workdir_lib.record_config(workdir, config, resumed)
 
     # --- State: built sharded; then restore-first (a preempted run continues where it stopped).
-    state, state_shardings = steps.create_train_state(model, tx, config.image_size, mesh,
-                                                      config.seed)
-    manager = checkpointing.create_manager(workdir, keep=config.checkpoint_keep,
-                                           best_metric=best_metric)
+    state, state_shardings = steps.create_train_state(
+      model, tx, config.image_size, mesh, config.seed
+    )
+    manager = checkpointing.create_manager(
+      workdir, keep=config.checkpoint_keep, best_metric=best_metric
+    )
     abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     restored = checkpointing.restore_latest(manager, abstract_state)
     if restored is not None:
       state, start_step = restored
@@ -171,19 +191,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start_step = 0
       if config.init_from:
         state = load_pretrained(config, model, state)
-    _write_run_info(workdir, config, info, model, state, per_epoch, num_steps, loss_kind,
-                    best_metric)
+    _write_run_info(
+      workdir, config, info, model, state, per_epoch, num_steps, loss_kind, best_metric
+    )
 
     data_sharding = NamedSharding(mesh, P("data"))
     loss_fn = steps.make_loss_fn(loss_kind, info.num_classes, config.label_smoothing)
     train_step = steps.jit_train_step(
-        steps.make_train_step(config, model, tx, schedule, loss_fn, info.multi_label),
-        state_shardings, mesh)
+      steps.make_train_step(config, model, tx, schedule, loss_fn, info.multi_label),
+      state_shardings,
+      mesh,
+    )
     eval_step = jax.jit(steps.make_eval_step(model, info.multi_label))
 
     writer = metric_writer.MetricWriter(workdir, num_steps)
     train_iter: Iterator[data.Batch] = data.create_train_iterator(
-        config, info, start_step=start_step, sharding=data_sharding)
+      config, info, start_step=start_step, sharding=data_sharding
+    )
     last: dict[str, Any] = {}
     pending: list[dict] = []
     step = start_step
@@ -222,8 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointing.save(manager, step, state, eval_metrics)
         saved_step = step
       if preempted:
-        logging.warning("Stopped at step %d for preemption; rerun the same command to resume "
-                        "(exit status %d).", step, preemption_lib.PREEMPTED_EXIT_STATUS)
+        logging.warning(
+          "Stopped at step %d for preemption; rerun the same command to resume (exit status %d).",
+          step,
+          preemption_lib.PREEMPTED_EXIT_STATUS,
+        )
         break
     manager.wait_until_finished()  # a failed asynchronous save surfaces here
     writer.close()
@@ -246,56 +273,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _close_quietly(manager, writer) -> None:
   """On the way out of an error: finish what can be finished, without a second traceback."""
   for close in ((manager.wait_until_finished, manager.close) if manager else ()) + (
-      (writer.close,) if writer else ()):
+    (writer.close,) if writer else ()
+  ):
     try:
       close()
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("While stopping: %s: %s", type(e).__name__,
-                      (str(e).splitlines() or [""])[0][:300])
+      logging.warning(
+        "While stopping: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0][:300]
+      )
 
 
 def _check_finite(state: steps.TrainState, step: int, saved_step: int | None) -> None:
   bad = int(jax.device_get(state.nonfinite_steps))
   if bad:
-    kept = (f"the last good checkpoint (step {saved_step}) is intact" if saved_step is not None
-            else "no checkpoint had been written yet, so there is nothing to resume from")
+    kept = (
+      f"the last good checkpoint (step {saved_step}) is intact"
+      if saved_step is not None
+      else "no checkpoint had been written yet, so there is nothing to resume from"
+    )
     raise NonFiniteLossError(
-        f"The training loss or gradient was NaN or Inf in {bad} step(s) up to step {step}. The "
-        f"run stopped without saving; {kept}. Lower lr.base, enable optimizer.grad_clip_norm, "
-        "or use dtype=float32.")
+      f"The training loss or gradient was NaN or Inf in {bad} step(s) up to step {step}. The "
+      f"run stopped without saving; {kept}. Lower lr.base, enable optimizer.grad_clip_norm, "
+      "or use dtype=float32."
+    )
 
 
-def _write_run_info(workdir: paths.PathLike, config, info, model, state: steps.TrainState,
-                    per_epoch: float, num_steps: int, loss_kind: str,
-                    best_metric: str | None = None) -> None:
+def _write_run_info(
+  workdir: paths.PathLike,
+  config,
+  info,
+  model,
+  state: steps.TrainState,
+  per_epoch: float,
+  num_steps: int,
+  loss_kind: str,
+  best_metric: str | None = None,
+) -> None:
   """Writes run.json: the values derived at run time, for reports and for people."""
   if jax.process_index() != 0:
     return
   best_metric = best_metric or evaluation.resolve_best_metric(config, info.multi_label)
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   run = {
-      "model_name": config.model_name,
-      "model_class": type(model).__name__,
-      "num_params": count(state.params),
-      "num_batch_stats": count(state.batch_stats),
-      "dataset": info.name,
-      "num_classes": info.num_classes,
-      "multi_label": info.multi_label,
-      "class_names": list(info.class_names) if info.class_names else None,
-      "image_size": config.image_size,
-      "num_train_examples": info.num_train_examples,
-      "num_eval_examples": info.num_eval_examples,
-      "steps_per_epoch": per_epoch,
-      "total_steps": num_steps,
-      "loss": loss_kind,
-      "best_metric": best_metric,
-      "best_mode": checkpointing.best_mode(best_metric),
-      "devices": jax.device_count(),
-      "processes": jax.process_count(),
-      "platform": jax.devices()[0].platform,
-      "device_kind": jax.devices()[0].device_kind,
-      **{f"{name}_version": version
-         for name, version in versions.library_versions(("jax", "flax", "optax")).items()},
+    "model_name": config.model_name,
+    "model_class": type(model).__name__,
+    "num_params": count(state.params),
+    "num_batch_stats": count(state.batch_stats),
+    "dataset": info.name,
+    "num_classes": info.num_classes,
+    "multi_label": info.multi_label,
+    "class_names": list(info.class_names) if info.class_names else None,
+    "image_size": config.image_size,
+    "num_train_examples": info.num_train_examples,
+    "num_eval_examples": info.num_eval_examples,
+    "steps_per_epoch": per_epoch,
+    "total_steps": num_steps,
+    "loss": loss_kind,
+    "best_metric": best_metric,
+    "best_mode": checkpointing.best_mode(best_metric),
+    "devices": jax.device_count(),
+    "processes": jax.process_count(),
+    "platform": jax.devices()[0].platform,
+    "device_kind": jax.devices()[0].device_kind,
+    **{
+      f"{name}_version": version
+      for name, version in versions.library_versions(("jax", "flax", "optax")).items()
+    },
   }
   paths.write_json(paths.resolve(workdir) / "run.json", run)
 
@@ -312,8 +355,16 @@ class WriteError(OSError):
 # What a caller (main.py) reports as one line and exits on, instead of a traceback.
 RUN_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError, WriteError)
 
-_WRITE_FAILURES = ("No space left", "Disk quota", "Read-only file system", "Permission denied",
-                   "Input/output error", "File too large", "ENOSPC", "EDQUOT")
+_WRITE_FAILURES = (
+  "No space left",
+  "Disk quota",
+  "Read-only file system",
+  "Permission denied",
+  "Input/output error",
+  "File too large",
+  "ENOSPC",
+  "EDQUOT",
+)
 
 
 def _as_write_error(error: BaseException, workdir: paths.Path) -> WriteError | None:
@@ -333,16 +384,21 @@ def _as_write_error(error: BaseException, workdir: paths.Path) -> WriteError | N
       line = next((l for l in text.splitlines() if any(w in l for w in _WRITE_FAILURES)), text)
       line = line.strip()
       at = min(line.find(w) for w in _WRITE_FAILURES if w in line)
-      cause = line if len(line) <= 400 else f"{line[:250]} ... {line[at:at + 120]}"
+      cause = line if len(line) <= 400 else f"{line[:250]} ... {line[at : at + 120]}"
     checkpoints = checkpointing.checkpoint_dir(workdir)
     try:
       steps = checkpointing.finished_steps(checkpoints)
     except Exception:  # pylint: disable=broad-except  (the storage itself may be failing)
       steps = []
-    kept = (f"The last complete checkpoint, step {steps[-1]} in {checkpoints}, is intact"
-            if steps else "No checkpoint had been completed yet")
-    return WriteError(f"Writing to {workdir} failed: {cause}. {kept}; free space (or fix the "
-                      "storage) and rerun the same command to resume.")
+    kept = (
+      f"The last complete checkpoint, step {steps[-1]} in {checkpoints}, is intact"
+      if steps
+      else "No checkpoint had been completed yet"
+    )
+    return WriteError(
+      f"Writing to {workdir} failed: {cause}. {kept}; free space (or fix the "
+      "storage) and rerun the same command to resume."
+    )
   return None
 
 
@@ -359,7 +415,8 @@ def _lock_workdir(workdir: paths.Path) -> workdir_lib.WorkdirLock | None:
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not ok and error is None:
       error = workdir_lib.WorkdirError(
-          f"Process 0 could not lock --workdir={workdir}; its log says why.")
+        f"Process 0 could not lock --workdir={workdir}; its log says why."
+      )
   if isinstance(error, OSError):
     raise _as_write_error(error, workdir) or error
   if error is not None:

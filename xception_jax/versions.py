@@ -3,6 +3,7 @@
 Exports (export.json's `versions`) and benchmark results carry them: a number or a file means
 little without the jax/XLA that produced it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

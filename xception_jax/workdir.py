@@ -18,6 +18,7 @@ O_EXCL on local and NFS folders, and on object stores written, left to settle, a
 (the last writer wins, and every contender sees who did). Process 0 holds the lock for all
 processes of a multi-process run.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,8 +28,8 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from typing import Any
+import uuid
 
 from absl import logging
 import ml_collections
@@ -45,10 +46,22 @@ _SETTLE_SECONDS = 1.0  # object stores: time between writing the lock and readin
 # ending in '.' covers a whole sub-config). Everything else defines the model, the data, the
 # optimizer state or the training trajectory, and must match.
 RESUMABLE = (
-    "total_steps", "num_epochs", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "checkpoint_keep", "data_dir", "eval_batch_size", "best_metric", "init_from",
-    "grad_accum_steps", "map_class_weighting", "mesh.", "input.num_parallel_calls",
-    "input.cache", "input.bad_files",
+  "total_steps",
+  "num_epochs",
+  "log_every_steps",
+  "eval_every_steps",
+  "checkpoint_every_steps",
+  "checkpoint_keep",
+  "data_dir",
+  "eval_batch_size",
+  "best_metric",
+  "init_from",
+  "grad_accum_steps",
+  "map_class_weighting",
+  "mesh.",
+  "input.num_parallel_calls",
+  "input.cache",
+  "input.bad_files",
 )
 
 
@@ -121,8 +134,11 @@ def config_differences(recorded: dict, config: dict) -> list[tuple[str, Any, Any
   old, new = _flatten(recorded), _flatten(config)
   keys = (old.keys() & new.keys()) | {k for k in old.keys() ^ new.keys() if k.startswith("model.")}
   unset = "<unset>"
-  return [(k, old.get(k, unset), new.get(k, unset)) for k in sorted(keys)
-          if not _may_change(k) and _normalise(old.get(k, unset)) != _normalise(new.get(k, unset))]
+  return [
+    (k, old.get(k, unset), new.get(k, unset))
+    for k in sorted(keys)
+    if not _may_change(k) and _normalise(old.get(k, unset)) != _normalise(new.get(k, unset))
+  ]
 
 
 def check_identity(workdir: paths.PathLike, config: ml_collections.ConfigDict) -> bool:
@@ -136,17 +152,19 @@ def check_identity(workdir: paths.PathLike, config: ml_collections.ConfigDict) -
   try:
     recorded = paths.read_json(path)
   except ValueError as e:
-    raise WorkdirError(f"{e} It records the run this workdir holds; restore it or use a new "
-                       "--workdir.") from None
+    raise WorkdirError(
+      f"{e} It records the run this workdir holds; restore it or use a new --workdir."
+    ) from None
   differences = config_differences(recorded, config_as_dict(config))
   if differences:
     listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in differences)
     raise WorkdirError(
-        f"--workdir={workdir} holds a run with another config ({path}), so resuming it with "
-        f"this one would mix two runs. Differing: {listed}. Use a new --workdir for the new "
-        f"settings (add --config.init_from={workdir} to start from its weights), or rerun "
-        f"with the recorded values to resume. Fields that may change on resume: "
-        f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUMABLE)}.")
+      f"--workdir={workdir} holds a run with another config ({path}), so resuming it with "
+      f"this one would mix two runs. Differing: {listed}. Use a new --workdir for the new "
+      f"settings (add --config.init_from={workdir} to start from its weights), or rerun "
+      f"with the recorded values to resume. Fields that may change on resume: "
+      f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUMABLE)}."
+    )
   return True
 
 
@@ -154,12 +172,13 @@ def _show(value: Any) -> str:
   return value if value == "<unset>" else json.dumps(value)
 
 
-def record_config(workdir: paths.PathLike, config: ml_collections.ConfigDict,
-                  resumed: bool) -> paths.Path:
+def record_config(
+  workdir: paths.PathLike, config: ml_collections.ConfigDict, resumed: bool
+) -> paths.Path:
   """Writes config.json for a new run, or config.resume-<time>.json beside it for a resume."""
   workdir = paths.resolve(workdir)
   if resumed:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     path = workdir / f"config.resume-{stamp}.json"
   else:
     path = workdir / CONFIG_FILE
@@ -195,15 +214,22 @@ def _pid_alive(pid: int, start_ticks: int | None) -> bool:
 def describe_owner(owner: dict) -> str:
   started = owner.get("start_time", "?")
   age = time.time() - float(owner.get("heartbeat", 0))
-  return (f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {started}, "
-          f"last heartbeat {age:.0f} s ago")
+  return (
+    f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {started}, "
+    f"last heartbeat {age:.0f} s ago"
+  )
 
 
 class WorkdirLock:
   """The workdir's lock file, held by process 0 of the run that trains in it."""
 
-  def __init__(self, workdir: paths.PathLike, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
-               stale_seconds: float = STALE_SECONDS):
+  def __init__(
+    self,
+    workdir: paths.PathLike,
+    *,
+    heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    stale_seconds: float = STALE_SECONDS,
+  ):
     self.path = paths.resolve(workdir) / LOCK_FILE
     self.heartbeat_seconds = heartbeat_seconds
     self.stale_seconds = stale_seconds
@@ -213,10 +239,12 @@ class WorkdirLock:
     self._thread: threading.Thread | None = None
     pid = os.getpid()
     self._record = {
-        "host": socket.gethostname(), "pid": pid,
-        "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "proc_start_ticks": _process_start_ticks(pid), "token": self._token,
-        "command": " ".join(sys.argv)[:1000],
+      "host": socket.gethostname(),
+      "pid": pid,
+      "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "proc_start_ticks": _process_start_ticks(pid),
+      "token": self._token,
+      "command": " ".join(sys.argv)[:1000],
     }
 
   # --- Reading the current owner.
@@ -284,16 +312,19 @@ class WorkdirLock:
         reason = self._stale_reason(owner)
         if reason is None:
           raise WorkdirError(
-              f"--workdir={self.path.parent} is in use by another trainer ({describe_owner(owner)}"
-              f"; {self.path}). Wait for it to finish or stop it (it saves and exits on SIGTERM), "
-              "or use another --workdir. If that process is dead on another host, the lock is "
-              f"taken over once its heartbeat is {self.stale_seconds:.0f} s old.")
-        logging.warning("Taking over the workdir lock %s of %s: %s.", self.path,
-                        describe_owner(owner), reason)
+            f"--workdir={self.path.parent} is in use by another trainer ({describe_owner(owner)}"
+            f"; {self.path}). Wait for it to finish or stop it (it saves and exits on SIGTERM), "
+            "or use another --workdir. If that process is dead on another host, the lock is "
+            f"taken over once its heartbeat is {self.stale_seconds:.0f} s old."
+          )
+        logging.warning(
+          "Taking over the workdir lock %s of %s: %s.", self.path, describe_owner(owner), reason
+        )
         self._set_aside(owner)
       if self._create():
-        self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat",
-                                        daemon=True)
+        self._thread = threading.Thread(
+          target=self._beat, name="workdir-lock-heartbeat", daemon=True
+        )
         self._thread.start()
         return
     raise WorkdirError(f"Could not take the lock {self.path}: other trainers kept taking it.")
@@ -303,8 +334,12 @@ class WorkdirLock:
       try:
         if (self._read() or {}).get("token") != self._token:
           self.lost = True
-          logging.error("The workdir lock %s was taken over by another trainer (%s); this run "
-                        "stops at its next checkpoint.", self.path, describe_owner(self._read() or {}))
+          logging.error(
+            "The workdir lock %s was taken over by another trainer (%s); this run "
+            "stops at its next checkpoint.",
+            self.path,
+            describe_owner(self._read() or {}),
+          )
           return
         self._write_mine()
       except OSError as e:  # a transient storage error: try again at the next beat
@@ -313,9 +348,11 @@ class WorkdirLock:
   def check(self) -> None:
     """Raises WorkdirError when another trainer took the lock over (before writing a checkpoint)."""
     if self.lost:
-      raise WorkdirError(f"Another trainer took over {self.path} while this run was training "
-                         "(its heartbeat had stopped?); stopped without saving to avoid two "
-                         "writers.")
+      raise WorkdirError(
+        f"Another trainer took over {self.path} while this run was training "
+        "(its heartbeat had stopped?); stopped without saving to avoid two "
+        "writers."
+      )
 
   def release(self) -> None:
     self._stop.set()

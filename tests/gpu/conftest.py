@@ -16,6 +16,7 @@ then CPU against CPU, so this checks the tests, not the GPU; `bench/gpu_run.sh -
 `XJ_GPU_TEST_RECORD=FILE` appends what the tests measured (parity errors, losses, how far a
 resumed run is from an uninterrupted one) to FILE as JSON lines, for BENCHMARKS.md and README.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ RECORD_ENV = "XJ_GPU_TEST_RECORD"
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """Where and how large: the real sizes on a GPU, toy ones for the CPU run of the logic."""
+
   device: Any  # the accelerator under test (jax.Device)
   reference: Any  # the CPU device the accelerator is compared with
   parity_models: tuple[tuple[str, int, dict[str, Any]], ...]  # (model, image size, settings)
@@ -55,24 +57,48 @@ def _accelerator() -> Any:
   try:
     return jax.devices("gpu")[0]
   except RuntimeError:
-    pytest.skip(f"no GPU visible to jax (backends: {jax.default_backend()}); tests/gpu needs one "
-                f"({BACKEND_ENV}=cpu runs their logic on the CPU at toy sizes)")
+    pytest.skip(
+      f"no GPU visible to jax (backends: {jax.default_backend()}); tests/gpu needs one "
+      f"({BACKEND_ENV}=cpu runs their logic on the CPU at toy sizes)"
+    )
 
 
 @pytest.fixture(scope="session")
 def setup() -> Setup:
   device = _accelerator()
   if device.platform != "cpu":
-    return Setup(device=device, reference=jax.devices("cpu")[0],
-                 parity_models=(("xception", 299, {}), ("xception", 299, {"segments": 4}),
-                                ("inception_v3", 299, {})),
-                 parity_batch=4, train_model="xception", train_image_size=299, train_batch=64,
-                 train_steps=30, resume_steps=10, export_model=("xception", 299))
-  return Setup(device=device, reference=jax.devices("cpu")[0],
-               parity_models=(("xception_tiny", 71, {}), ("xception_tiny", 71, {"segments": 4}),
-                              ("inception_v3_tiny", 75, {})),
-               parity_batch=2, train_model="xception_tiny", train_image_size=71, train_batch=8,
-               train_steps=30, resume_steps=10, export_model=("xception_tiny", 71))
+    return Setup(
+      device=device,
+      reference=jax.devices("cpu")[0],
+      parity_models=(
+        ("xception", 299, {}),
+        ("xception", 299, {"segments": 4}),
+        ("inception_v3", 299, {}),
+      ),
+      parity_batch=4,
+      train_model="xception",
+      train_image_size=299,
+      train_batch=64,
+      train_steps=30,
+      resume_steps=10,
+      export_model=("xception", 299),
+    )
+  return Setup(
+    device=device,
+    reference=jax.devices("cpu")[0],
+    parity_models=(
+      ("xception_tiny", 71, {}),
+      ("xception_tiny", 71, {"segments": 4}),
+      ("inception_v3_tiny", 75, {}),
+    ),
+    parity_batch=2,
+    train_model="xception_tiny",
+    train_image_size=71,
+    train_batch=8,
+    train_steps=30,
+    resume_steps=10,
+    export_model=("xception_tiny", 71),
+  )
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ a fresh process with JAX_PLATFORMS=cpu, standing in for a CPU-only machine, load
 `serving.load` and predicts. Its logits must match the GPU's own float32 forward pass (highest
 precision) within 1e-4 of the largest logit.
 """
+
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_export import make_config
+from test_export import random_variables
 
-from test_export import make_config, random_variables
 from xception_jax import export
 from xception_jax import models
 
@@ -37,26 +39,59 @@ def test_export_written_on_the_gpu_predicts_on_the_cpu(setup, record, tmp_path):
   config = make_config(name, image_size)
   model = models.create_model(config, NUM_CLASSES)
   variables = jax.device_put(random_variables(model, image_size), setup.device)
-  images = np.random.default_rng(2).uniform(-1, 1, (3, image_size, image_size, 3)).astype(
-      np.float32)
+  images = (
+    np.random.default_rng(2).uniform(-1, 1, (3, image_size, image_size, 3)).astype(np.float32)
+  )
   with jax.default_matmul_precision("highest"):
-    expected = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-        variables, jax.device_put(images, setup.device)))
+    expected = np.asarray(
+      jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, jax.device_put(images, setup.device)
+      )
+    )
 
   out = str(tmp_path / "export")
-  export.write_export(out, config, {"num_classes": NUM_CLASSES, "loss": "softmax"}, variables,
-                      source={"step": 0, "weights": "ema"}, saved_model=False)
+  export.write_export(
+    out,
+    config,
+    {"num_classes": NUM_CLASSES, "loss": "softmax"},
+    variables,
+    source={"step": 0, "weights": "ema"},
+    saved_model=False,
+  )
   np.save(tmp_path / "images.npy", images)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-  proc = subprocess.run([sys.executable, "-c", _PREDICT_ON_CPU, out, str(tmp_path / "images.npy"),
-                         str(tmp_path / "logits.npy")], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=600, check=False)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+  }
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _PREDICT_ON_CPU,
+      out,
+      str(tmp_path / "images.npy"),
+      str(tmp_path / "logits.npy"),
+    ],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   logits = np.load(tmp_path / "logits.npy")
   scale = float(np.max(np.abs(expected)))
   error = float(np.max(np.abs(logits - expected)) / scale)
-  record(test="export_gpu_to_cpu", model=name, image_size=image_size,
-         device=setup.device.device_kind, max_abs_logit=scale, error=error, tolerance=TOLERANCE)
+  record(
+    test="export_gpu_to_cpu",
+    model=name,
+    image_size=image_size,
+    device=setup.device.device_kind,
+    max_abs_logit=scale,
+    error=error,
+    tolerance=TOLERANCE,
+  )
   assert logits.shape == (3, NUM_CLASSES)
   assert error <= TOLERANCE

@@ -20,13 +20,15 @@ bf16 errors, same set-up: Xception 5.3e-3, 4 segments 4.1e-3, Inception V3 2.6e-
 recomputed here, to keep the GPU run short.) Each measured error is recorded
 (XJ_GPU_TEST_RECORD).
 """
+
 import functools
 
 import jax
 import numpy as np
 import pytest
+from test_export import make_config
+from test_export import random_variables
 
-from test_export import make_config, random_variables
 from xception_jax import models
 
 pytestmark = pytest.mark.gpu
@@ -42,15 +44,16 @@ def _logits(model, variables, images, device, precision):
     return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name, image_size, settings_items, batch, cpu):
   """(variables, images, float32 CPU logits at highest precision) for one model, computed once."""
   config = make_config(name, image_size, **dict(settings_items))
   config.dtype = "float32"
   model = models.create_model(config, NUM_CLASSES)
   variables = random_variables(model, image_size)
-  images = np.random.default_rng(1).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(
-      np.float32)
+  images = (
+    np.random.default_rng(1).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
+  )
   return variables, images, _logits(model, variables, images, cpu, "highest")
 
 
@@ -59,12 +62,14 @@ def _relative(a, b, scale):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("model_index", [0, 1, 2], ids=["xception", "xception-4-segments",
-                                                        "inception_v3"])
+@pytest.mark.parametrize(
+  "model_index", [0, 1, 2], ids=["xception", "xception-4-segments", "inception_v3"]
+)
 def test_forward_matches_cpu(setup, record, model_index, dtype):
   name, image_size, settings = setup.parity_models[model_index]
-  variables, images, reference = _reference(name, image_size, tuple(sorted(settings.items())),
-                                            setup.parity_batch, setup.reference)
+  variables, images, reference = _reference(
+    name, image_size, tuple(sorted(settings.items())), setup.parity_batch, setup.reference
+  )
   config = make_config(name, image_size, **settings)
   config.dtype = dtype
   model = models.create_model(config, NUM_CLASSES)
@@ -73,9 +78,16 @@ def test_forward_matches_cpu(setup, record, model_index, dtype):
   assert ours.dtype == np.float32 and np.all(np.isfinite(ours))
   scale = float(np.max(np.abs(reference)))
   error = _relative(ours, reference, scale)
-  values = {"test": "forward_parity", "model": name, "settings": settings, "dtype": dtype,
-            "device": setup.device.device_kind, "image_size": image_size,
-            "max_abs_logit": scale, "error_vs_cpu_fp32": error}
+  values = {
+    "test": "forward_parity",
+    "model": name,
+    "settings": settings,
+    "dtype": dtype,
+    "device": setup.device.device_kind,
+    "image_size": image_size,
+    "max_abs_logit": scale,
+    "error_vs_cpu_fp32": error,
+  }
   tolerance = FP32_TOLERANCE if dtype == "float32" else BF16_TOLERANCE
   record(**values, tolerance=tolerance)
   assert error <= tolerance

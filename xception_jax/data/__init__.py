@@ -21,19 +21,35 @@ process index); `create_train_iterator(config, info, start_step=s)` yields exact
 uninterrupted iterator yields at steps s, s+1, ... . A restored run therefore needs no iterator
 checkpoint: pass the restored step as `start_step`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from xception_jax.data.sharding import eval_batch_size
-from xception_jax.data.source import EMBEDDED_DATASETS, IMAGEFOLDER_PREFIX, SYNTHETIC
-from xception_jax.data.types import Batch, DatasetInfo
+from xception_jax.data.source import EMBEDDED_DATASETS
+from xception_jax.data.source import IMAGEFOLDER_PREFIX
+from xception_jax.data.source import SYNTHETIC
+from xception_jax.data.types import Batch
+from xception_jax.data.types import DatasetInfo
 
-__all__ = ["Batch", "DatasetInfo", "EMBEDDED_DATASETS", "IMAGEFOLDER_PREFIX", "SYNTHETIC",
-           "create_eval_iterator", "create_train_iterator", "dataset_info", "eval_batch_size",
-           "model_input", "to_global"]
+__all__ = [
+  "Batch",
+  "DatasetInfo",
+  "EMBEDDED_DATASETS",
+  "IMAGEFOLDER_PREFIX",
+  "SYNTHETIC",
+  "create_eval_iterator",
+  "create_train_iterator",
+  "dataset_info",
+  "eval_batch_size",
+  "model_input",
+  "to_global",
+]
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -45,22 +61,31 @@ def dataset_info(config) -> DatasetInfo:
   """
   if config.dataset == SYNTHETIC:
     from xception_jax.data import synthetic
+
     return synthetic.dataset_info(config)
   from xception_jax.data import pipeline
+
   return pipeline.dataset_info(config)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return process_index, process_count
 
 
-def create_train_iterator(config, info: DatasetInfo, start_step: int = 0, *,
-                          process_index: int | None = None, process_count: int | None = None,
-                          sharding: Any = None) -> Iterator[Batch]:
+def create_train_iterator(
+  config,
+  info: DatasetInfo,
+  start_step: int = 0,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  sharding: Any = None,
+) -> Iterator[Batch]:
   """An infinite iterator of training batches, starting at `start_step`.
 
   With `sharding` (what the trainer passes, e.g. NamedSharding(mesh, P('data'))) every source
@@ -74,8 +99,10 @@ def create_train_iterator(config, info: DatasetInfo, start_step: int = 0, *,
     raise ValueError(f"start_step={start_step} must be >= 0.")
   if config.dataset == SYNTHETIC:
     from xception_jax.data import synthetic
+
     return synthetic.train_iterator(config, info, start_step, sharding=sharding)
   from xception_jax.data import pipeline
+
   process_index, process_count = _process(process_index, process_count)
   batches = pipeline.train_iterator(config, info, start_step, process_index, process_count)
   return batches if sharding is None else (to_global(b, sharding) for b in batches)
@@ -93,9 +120,14 @@ def model_input(images: Any) -> Any:
   return images
 
 
-def create_eval_iterator(config, info: DatasetInfo, *, process_index: int | None = None,
-                         process_count: int | None = None,
-                         sharding: Any = None) -> Iterable[Batch]:
+def create_eval_iterator(
+  config,
+  info: DatasetInfo,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  sharding: Any = None,
+) -> Iterable[Batch]:
   """A finite iterable (fresh on each call, with len()) of eval batches.
 
   Yields {'image', 'label', 'mask'}: this process's numpy arrays with
@@ -106,9 +138,11 @@ def create_eval_iterator(config, info: DatasetInfo, *, process_index: int | None
   process_index, process_count = _process(process_index, process_count)
   if config.dataset == SYNTHETIC:
     from xception_jax.data import synthetic
+
     batches = synthetic.eval_iterable(config, info, process_index, process_count)
   else:
     from xception_jax.data import pipeline
+
     batches = pipeline.eval_iterable(config, info, process_index, process_count)
   return batches if sharding is None else _GlobalBatches(batches, sharding)
 
@@ -117,9 +151,13 @@ def to_global(batch: Batch, sharding: Any) -> Batch:
   """Assembles each process's part of a batch into one global array per key (laid out by
   `sharding`); arrays that already are global jax.Arrays pass through."""
   import jax
-  return {k: v if isinstance(v, jax.Array) else
-          jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+
+  return {
+    k: v
+    if isinstance(v, jax.Array)
+    else jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in batch.items()
+  }
 
 
 class _GlobalBatches:

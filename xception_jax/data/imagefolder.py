@@ -11,6 +11,7 @@ mtime) under `<data_dir>/imagefolder_scans/` so later runs re-check only new or 
 count; `'error'` refuses to start, naming them. The pipeline therefore only ever sees files that
 decode, and the set of examples (hence the batch at each step) is fixed.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -103,8 +104,9 @@ def _list_files(class_dir: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def scan(root: str, split: str, class_names: tuple[str, ...] | None, bad_files: str,
-         data_dir: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
+def scan(
+  root: str, split: str, class_names: tuple[str, ...] | None, bad_files: str, data_dir: str
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
   """(class names, good file paths, labels) of ROOT/split, after checking every file.
 
   Memoized so warnings are printed once per process.
@@ -112,22 +114,28 @@ def scan(root: str, split: str, class_names: tuple[str, ...] | None, bad_files: 
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     raise FileNotFoundError(
-        f"Image folder split {split_dir!r} does not exist. Expected ROOT/train/CLASS/*.jpg and "
-        f"ROOT/val/CLASS/*.jpg (or validation/ or test/) with ROOT={root!r}.")
-  found = sorted(d for d in os.listdir(split_dir)
-                 if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
+      f"Image folder split {split_dir!r} does not exist. Expected ROOT/train/CLASS/*.jpg and "
+      f"ROOT/val/CLASS/*.jpg (or validation/ or test/) with ROOT={root!r}."
+    )
+  found = sorted(
+    d
+    for d in os.listdir(split_dir)
+    if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith(".")
+  )
   if class_names is None:
     class_names = tuple(found)
     if not class_names:
       raise FileNotFoundError(
-          f"Image folder {split_dir!r} has no class sub-folders; put each class's images in "
-          f"{split_dir}/CLASS_NAME/.")
+        f"Image folder {split_dir!r} has no class sub-folders; put each class's images in "
+        f"{split_dir}/CLASS_NAME/."
+      )
   else:
     unknown = sorted(set(found) - set(class_names))
     if unknown:
       raise ValueError(
-          f"Image folder {split_dir!r} has class folders {unknown} that the train split does "
-          f"not have; eval classes must be among {list(class_names)}.")
+        f"Image folder {split_dir!r} has class folders {unknown} that the train split does "
+        f"not have; eval classes must be among {list(class_names)}."
+      )
   paths, labels = [], []
   for label, name in enumerate(class_names):
     class_dir = os.path.join(split_dir, name)
@@ -141,18 +149,23 @@ def scan(root: str, split: str, class_names: tuple[str, ...] | None, bad_files: 
     named = "\n".join(f"  {p}: {why}" for p, why in bad[:_MAX_NAMED])
     more = f"\n  ... and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
     raise ValueError(
-        f"{len(bad)} bad file(s) in image folder {split_dir!r} (config.input.bad_files='error'); "
-        f"remove or fix them, or set config.input.bad_files='skip':\n{named}{more}")
+      f"{len(bad)} bad file(s) in image folder {split_dir!r} (config.input.bad_files='error'); "
+      f"remove or fix them, or set config.input.bad_files='skip':\n{named}{more}"
+    )
   for path, why in bad:
     warnings.warn(f"Skipping {path}: {why}", BadImageWarning, stacklevel=2)
   if bad:
-    warnings.warn(f"Skipped {len(bad)} bad file(s) of {len(paths)} in {split_dir!r}.",
-                  BadImageWarning, stacklevel=2)
+    warnings.warn(
+      f"Skipped {len(bad)} bad file(s) of {len(paths)} in {split_dir!r}.",
+      BadImageWarning,
+      stacklevel=2,
+    )
   good = [(p, l) for p, l in zip(paths, labels) if not problems[p]]
   if not good:
     raise FileNotFoundError(
-        f"Image folder {split_dir!r} has no usable JPEG or PNG images in its class folders "
-        f"{list(class_names)}.")
+      f"Image folder {split_dir!r} has no usable JPEG or PNG images in its class folders "
+      f"{list(class_names)}."
+    )
   empty = sorted(set(class_names) - {class_names[l] for _, l in good})
   if empty and split == "train":
     logging.warning("Image folder %s: classes with no images: %s", split_dir, empty)
@@ -171,16 +184,19 @@ class ImageFolderSource(source_lib.Source):
     root = config.dataset.split(":", 1)[1]
     if not os.path.isdir(root):
       raise FileNotFoundError(
-          f"config.dataset={config.dataset!r}: folder {root!r} does not exist. Expected "
-          "ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg.")
+        f"config.dataset={config.dataset!r}: folder {root!r} does not exist. Expected "
+        "ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg."
+      )
     train_split = config.train_split or "train"
     eval_split = config.eval_split or next(
-        (s for s in EVAL_SPLIT_NAMES if os.path.isdir(os.path.join(root, s))), "")
+      (s for s in EVAL_SPLIT_NAMES if os.path.isdir(os.path.join(root, s))), ""
+    )
     if not eval_split:
       raise FileNotFoundError(
-          f"config.dataset={config.dataset!r}: no eval split folder; create one of "
-          f"{[os.path.join(root, s) for s in EVAL_SPLIT_NAMES]} with CLASS sub-folders, or set "
-          "config.eval_split.")
+        f"config.dataset={config.dataset!r}: no eval split folder; create one of "
+        f"{[os.path.join(root, s) for s in EVAL_SPLIT_NAMES]} with CLASS sub-folders, or set "
+        "config.eval_split."
+      )
     mode, data_dir = config.input.bad_files, config.data_dir
     class_names, train_paths, train_labels = scan(root, train_split, None, mode, data_dir)
     _, eval_paths, eval_labels = scan(root, eval_split, class_names, mode, data_dir)
@@ -189,19 +205,28 @@ class ImageFolderSource(source_lib.Source):
     train_paths, train_labels = _fixed_permutation(train_paths, train_labels)
     eval_paths, eval_labels = _fixed_permutation(eval_paths, eval_labels)
     super().__init__(
-        name=config.dataset, num_classes=len(class_names), multi_label=False,
-        class_names=class_names, train_split=train_split, eval_split=eval_split,
-        split_sizes={train_split: len(train_paths), eval_split: len(eval_paths)})
+      name=config.dataset,
+      num_classes=len(class_names),
+      multi_label=False,
+      class_names=class_names,
+      train_split=train_split,
+      eval_split=eval_split,
+      split_sizes={train_split: len(train_paths), eval_split: len(eval_paths)},
+    )
     self._files = {train_split: (train_paths, train_labels), eval_split: (eval_paths, eval_labels)}
 
   def records(self, split: str, start: int, stop: int):
     import tensorflow as tf
+
     paths, labels = self._files[split]
-    return tf.data.Dataset.from_tensor_slices({
+    return tf.data.Dataset.from_tensor_slices(
+      {
         "image": tf.constant(list(paths[start:stop]), tf.string, shape=[stop - start]),
         "label": tf.constant(list(labels[start:stop]), tf.int64, shape=[stop - start]),
-    })
+      }
+    )
 
   def load(self, record):
     import tensorflow as tf
+
     return {**record, "image": tf.io.read_file(record["image"])}

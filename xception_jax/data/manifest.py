@@ -18,13 +18,14 @@ Files are checked before anything is written (the same checks as image folders):
 skipped with a warning naming each (--bad_files=skip) or stop the command (--bad_files=error).
 Encoded bytes are stored as they are, without re-encoding.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import json
 import os
 import sys
-from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -43,8 +44,9 @@ flags.DEFINE_bool("multi_label", False, "Store as multi-label even if every imag
 flags.DEFINE_enum("bad_files", "skip", ["skip", "error"], "What to do with unreadable images.")
 
 
-def read_manifest(path: str, class_ids: dict[str, int] | None = None
-                  ) -> list[tuple[str, list[int]]]:
+def read_manifest(
+  path: str, class_ids: dict[str, int] | None = None
+) -> list[tuple[str, list[int]]]:
   """[(absolute image path, label ids)] from a CSV or JSON-lines manifest."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Manifest {path!r} does not exist.")
@@ -60,8 +62,10 @@ def read_manifest(path: str, class_ids: dict[str, int] | None = None
           labels = item["labels"] if "labels" in item else [item["label"]]
           rows.append((item["image"], list(labels) if isinstance(labels, list) else [labels]))
         except (ValueError, KeyError, TypeError) as e:
-          raise ValueError(f"{path}:{number}: expected {{\"image\": path, \"labels\": [ids]}}, "
-                           f"got {line.strip()!r} ({e}).") from e
+          raise ValueError(
+            f'{path}:{number}: expected {{"image": path, "labels": [ids]}}, '
+            f"got {line.strip()!r} ({e})."
+          ) from e
     else:
       for number, fields in enumerate(csv.reader(f), 1):
         if not fields or not "".join(fields).strip():
@@ -81,9 +85,12 @@ def read_manifest(path: str, class_ids: dict[str, int] | None = None
         try:
           ids.append(int(label))
         except ValueError:
-          raise ValueError(f"{path}: label {label!r} of {image!r} is not an integer id"
-                           + (" nor a name in --class_names" if class_ids else
-                              " (pass --class_names to use names)")) from None
+          raise ValueError(
+            f"{path}: label {label!r} of {image!r} is not an integer id"
+            + (
+              " nor a name in --class_names" if class_ids else " (pass --class_names to use names)"
+            )
+          ) from None
     result.append((image if os.path.isabs(image) else os.path.join(base, image), sorted(set(ids))))
   if not result:
     raise ValueError(f"Manifest {path!r} lists no images.")
@@ -91,12 +98,16 @@ def read_manifest(path: str, class_ids: dict[str, int] | None = None
 
 
 def _check(rows, split: str, bad_files: str):
-  problems = {path: imagefolder.check_image(path) if os.path.isfile(path) else "missing file"
-              for path, _ in rows}
+  problems = {
+    path: imagefolder.check_image(path) if os.path.isfile(path) else "missing file"
+    for path, _ in rows
+  }
   bad = [(p, why) for p, why in problems.items() if why]
   if bad and bad_files == "error":
-    raise ValueError(f"{len(bad)} bad image(s) in the {split} manifest:\n"
-                     + "\n".join(f"  {p}: {why}" for p, why in bad[:20]))
+    raise ValueError(
+      f"{len(bad)} bad image(s) in the {split} manifest:\n"
+      + "\n".join(f"  {p}: {why}" for p, why in bad[:20])
+    )
   for path, why in bad:
     logging.warning("Skipping %s: %s", path, why)
   if bad:
@@ -104,26 +115,40 @@ def _check(rows, split: str, bad_files: str):
   return [(p, labels) for p, labels in rows if not problems[p]]
 
 
-def build(name: str, manifests: dict[str, str], data_dir: str = "",
-          class_names: Sequence[str] | None = None, num_classes: int = 0,
-          multi_label: bool = False, bad_files: str = "skip"):
+def build(
+  name: str,
+  manifests: dict[str, str],
+  data_dir: str = "",
+  class_names: Sequence[str] | None = None,
+  num_classes: int = 0,
+  multi_label: bool = False,
+  bad_files: str = "skip",
+):
   """Writes the tfds dataset `name` with the given {split: manifest path}; returns its builder."""
   import tensorflow_datasets as tfds
+
   class_ids = {n: i for i, n in enumerate(class_names)} if class_names else None
-  splits = {split: _check(read_manifest(path, class_ids), split, bad_files)
-            for split, path in manifests.items()}
+  splits = {
+    split: _check(read_manifest(path, class_ids), split, bad_files)
+    for split, path in manifests.items()
+  }
   max_id = max(max(labels, default=-1) for rows in splits.values() for _, labels in rows)
   num_classes = num_classes or (len(class_names) if class_names else max_id + 1)
   if max_id >= num_classes or min(min(l, default=0) for r in splits.values() for _, l in r) < 0:
     raise ValueError(f"Label ids must be in [0, {num_classes}); found up to {max_id}.")
   multi_label = multi_label or any(len(l) != 1 for r in splits.values() for _, l in r)
-  class_label = (tfds.features.ClassLabel(names=list(class_names)) if class_names
-                 else tfds.features.ClassLabel(num_classes=num_classes))
+  class_label = (
+    tfds.features.ClassLabel(names=list(class_names))
+    if class_names
+    else tfds.features.ClassLabel(num_classes=num_classes)
+  )
   key = "labels" if multi_label else "label"
-  features = tfds.features.FeaturesDict({
+  features = tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(),
       key: tfds.features.Sequence(class_label) if multi_label else class_label,
-  })
+    }
+  )
 
   def examples(rows):
     for index, (path, labels) in enumerate(rows):
@@ -137,15 +162,21 @@ def build(name: str, manifests: dict[str, str], data_dir: str = "",
     code_path = None
 
   builder = ManifestBuilder(
-      name=name, version="1.0.0", features=features,
-      split_datasets={split: examples(rows) for split, rows in splits.items()},
-      # tfds shuffles the stored order (by a hash of the keys): a manifest sorted by class still
-      # gives every process's contiguous shard a mix of classes.
-      data_dir=data_dir or None, disable_shuffling=False,
-      description=f"Made by xception_jax.data.manifest from {manifests}.")
+    name=name,
+    version="1.0.0",
+    features=features,
+    split_datasets={split: examples(rows) for split, rows in splits.items()},
+    # tfds shuffles the stored order (by a hash of the keys): a manifest sorted by class still
+    # gives every process's contiguous shard a mix of classes.
+    data_dir=data_dir or None,
+    disable_shuffling=False,
+    description=f"Made by xception_jax.data.manifest from {manifests}.",
+  )
   if builder.is_prepared():
-    raise FileExistsError(f"Dataset {name!r} already exists in {builder.data_dir}; delete that "
-                          "folder or pick another --name.")
+    raise FileExistsError(
+      f"Dataset {name!r} already exists in {builder.data_dir}; delete that "
+      "folder or pick another --name."
+    )
   builder.download_and_prepare()
   return builder
 
@@ -161,11 +192,21 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.class_names:
     with open(FLAGS.class_names) as f:
       class_names = [line.strip() for line in f if line.strip()]
-  builder = build(FLAGS.name, manifests, FLAGS.data_dir, class_names, FLAGS.num_classes,
-                  FLAGS.multi_label, FLAGS.bad_files)
+  builder = build(
+    FLAGS.name,
+    manifests,
+    FLAGS.data_dir,
+    class_names,
+    FLAGS.num_classes,
+    FLAGS.multi_label,
+    FLAGS.bad_files,
+  )
   data_dir = FLAGS.data_dir or "~/tensorflow_datasets"
-  print(f"Wrote {FLAGS.name} to {builder.data_dir}: {dict(builder.info.splits)}. "
-        f"Train with --config.dataset={FLAGS.name} --config.data_dir={data_dir}", file=sys.stdout)
+  print(
+    f"Wrote {FLAGS.name} to {builder.data_dir}: {dict(builder.info.splits)}. "
+    f"Train with --config.dataset={FLAGS.name} --config.data_dir={data_dir}",
+    file=sys.stdout,
+  )
 
 
 if __name__ == "__main__":

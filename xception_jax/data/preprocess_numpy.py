@@ -12,15 +12,15 @@ and in full before cropping, and the crop and resize arithmetic here is the same
 arithmetic, so on JPEG (RGB, grey, CMYK) and PNG images the two agree to float rounding; the
 tests hold them to 1/255.
 """
+
 from __future__ import annotations
 
 import io
-from typing import Union
 
 import numpy as np
 from PIL import Image
 
-ImageLike = Union[bytes, np.ndarray, Image.Image]
+ImageLike = bytes | np.ndarray | Image.Image
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -41,8 +41,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
   return np.repeat(array[..., :1], 3, -1) if array.shape[-1] < 3 else array[..., :3]
 
 
-def central_crop_window(height: int, width: int, crop_fraction: float
-                        ) -> tuple[int, int, int, int]:
+def central_crop_window(height: int, width: int, crop_fraction: float) -> tuple[int, int, int, int]:
   """(top, left, crop_height, crop_width), as tf.image.central_crop computes them."""
   if not 0.0 < crop_fraction <= 1.0:
     raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
@@ -77,5 +76,5 @@ def eval_image(image: ImageLike, image_size: int, crop_fraction: float = 0.875) 
   """One image -> float32 [image_size, image_size, 3] in [-1, 1], like the TF eval path."""
   rgb = to_rgb_array(image)
   top, left, height, width = central_crop_window(rgb.shape[0], rgb.shape[1], crop_fraction)
-  crop = rgb[top:top + height, left:left + width]
+  crop = rgb[top : top + height, left : left + width]
   return resize_bilinear(crop, int(image_size)) / np.float32(127.5) - np.float32(1.0)

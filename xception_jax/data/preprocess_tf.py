@@ -20,9 +20,10 @@ pure function of (config.seed, step, process): see `pipeline.py`.
 Grayscale and CMYK JPEGs, paletted/alpha PNGs become 3-channel RGB; images smaller than the
 crop are upsampled, so every output is [S, S, 3]: uint8 for training, float32 for eval.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -34,17 +35,17 @@ def _as_rgb(image: tf.Tensor) -> tf.Tensor:
   if image.shape.rank == 2:
     image = image[..., None]
   channels = tf.shape(image)[-1]
-  image = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]),
-                  lambda: image[..., :3])
+  image = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
   return tf.ensure_shape(image, [None, None, 3])
 
 
 def _decode_full(encoded: tf.Tensor, accurate_dct: bool = False) -> tf.Tensor:
   if accurate_dct:  # libjpeg's ISLOW IDCT, the one PIL uses: eval matches preprocess_numpy.py
     image = tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
   else:
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
   return tf.ensure_shape(image, [None, None, 3])
@@ -57,11 +58,16 @@ def _decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, **box_args) -> tf.T
   window. Other formats are decoded in full and sliced. One branch on the format, so each image
   is decoded once.
   """
+
   def sample_box(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.concat([shape, [3]], 0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seed, max_attempts=MAX_BOX_ATTEMPTS, use_image_if_no_bounding_boxes=True,
-        **box_args)
+      tf.concat([shape, [3]], 0),
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed,
+      max_attempts=MAX_BOX_ATTEMPTS,
+      use_image_if_no_bounding_boxes=True,
+      **box_args,
+    )
     return begin, size
 
   def jpeg():
@@ -84,8 +90,9 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
   computes bit-identical values about 40% faster than its uint8 one (which converts every tap),
   the largest single saving in the training pipeline after decoding only the crop window.
   """
-  resized = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size],
-                            method="bilinear", antialias=False)
+  resized = tf.image.resize(
+    tf.cast(image, tf.float32), [image_size, image_size], method="bilinear", antialias=False
+  )
   return tf.ensure_shape(resized, [image_size, image_size, 3])
 
 
@@ -109,11 +116,17 @@ def distort_color(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.clip_by_value(tf.cond(use_a, lambda: order_a(image), lambda: order_b(image)), 0.0, 1.0)
 
 
-def train_image(encoded: tf.Tensor, seed: tf.Tensor, *, image_size: int,
-                area_range: Sequence[float] = (0.05, 1.0),
-                aspect_ratio_range: Sequence[float] = (0.75, 1.33),
-                min_object_covered: float = 0.1, flip: bool = True,
-                color_distortion: bool = False) -> tf.Tensor:
+def train_image(
+  encoded: tf.Tensor,
+  seed: tf.Tensor,
+  *,
+  image_size: int,
+  area_range: Sequence[float] = (0.05, 1.0),
+  aspect_ratio_range: Sequence[float] = (0.75, 1.33),
+  min_object_covered: float = 0.1,
+  flip: bool = True,
+  color_distortion: bool = False,
+) -> tf.Tensor:
   """Encoded image bytes -> uint8 [S, S, 3] pixels with seeded random augmentation.
 
   `xception_jax.data.model_input` maps them to the model's [-1, 1] (x / 127.5 - 1).
@@ -121,8 +134,12 @@ def train_image(encoded: tf.Tensor, seed: tf.Tensor, *, image_size: int,
   seed = tf.cast(seed, tf.int64)
   box_seed, flip_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   image = _decode_random_crop(
-      encoded, box_seed, min_object_covered=min_object_covered,
-      aspect_ratio_range=tuple(aspect_ratio_range), area_range=tuple(area_range))
+    encoded,
+    box_seed,
+    min_object_covered=min_object_covered,
+    aspect_ratio_range=tuple(aspect_ratio_range),
+    area_range=tuple(area_range),
+  )
   if flip:  # on the uint8 crop: 4x fewer bytes than after resizing, and flip commutes with the
     # half-pixel-centred resize (its sampling grid is mirror-symmetric)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
@@ -141,9 +158,11 @@ def central_crop_window(height, width, crop_fraction: float):
   start = floor((size - size * fraction) / 2) in float64, crop = size - 2 * start (so images
   smaller than one pixel of margin keep their full extent). `preprocess_numpy.py` mirrors this.
   """
+
   def start(size):
     size = tf.cast(size, tf.float64)
     return tf.cast((size - size * crop_fraction) / 2.0, tf.int32)
+
   top, left = start(height), start(width)
   return top, left, tf.cast(height, tf.int32) - 2 * top, tf.cast(width, tf.int32) - 2 * left
 
@@ -157,14 +176,14 @@ def eval_image(image: tf.Tensor, *, image_size: int, crop_fraction: float = 0.87
     pixels = _decode_full(image, accurate_dct=True)
     shape = tf.shape(pixels)
     top, left, height, width = central_crop_window(shape[0], shape[1], crop_fraction)
-    pixels = pixels[top:top + height, left:left + width]
+    pixels = pixels[top : top + height, left : left + width]
   else:
     if image.dtype != tf.uint8:
       raise ValueError(f"eval_image takes encoded bytes or a uint8 array, got dtype {image.dtype}.")
     pixels = _as_rgb(image)
     shape = tf.shape(pixels)
     top, left, height, width = central_crop_window(shape[0], shape[1], crop_fraction)
-    pixels = pixels[top:top + height, left:left + width]
+    pixels = pixels[top : top + height, left : left + width]
   return _resize(pixels, image_size) / 127.5 - 1.0
 
 

@@ -22,6 +22,7 @@ low-saturation background; the labels are the set of (colour, pattern) classes p
 model must bind a colour to a pattern. (v1 used 8 small shapes instead of patterns: a small
 Xception got MAP@100 0.20 in the quickstart budget, about twice chance.)
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -31,16 +32,34 @@ import numpy as np
 IMAGE_SIZE = 72  # stored resolution; the pipeline resizes to config.image_size
 
 SINGLE_LABEL_CLASSES = (
-    "horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "polka_dots",
-    "concentric_rings", "speckle", "clouds", "plain", "shapes")
+  "horizontal_stripes",
+  "vertical_stripes",
+  "diagonal_stripes",
+  "checkerboard",
+  "polka_dots",
+  "concentric_rings",
+  "speckle",
+  "clouds",
+  "plain",
+  "shapes",
+)
 _TWO_COLOUR_PATTERNS = SINGLE_LABEL_CLASSES[:7]
 _SCENE_SHAPES = ("circle", "square", "triangle")
 
-MULTI_LABEL_PATTERNS = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes",
-                        "checkerboard", "polka_dots", "concentric_rings", "speckle", "solid")
+MULTI_LABEL_PATTERNS = (
+  "horizontal_stripes",
+  "vertical_stripes",
+  "diagonal_stripes",
+  "checkerboard",
+  "polka_dots",
+  "concentric_rings",
+  "speckle",
+  "solid",
+)
 MULTI_LABEL_COLOURS = {"red": 0.0, "green": 1.0 / 3.0, "blue": 2.0 / 3.0}  # hue centres
-MULTI_LABEL_CLASSES = tuple(f"{colour}_{pattern}" for colour in MULTI_LABEL_COLOURS
-                            for pattern in MULTI_LABEL_PATTERNS)
+MULTI_LABEL_CLASSES = tuple(
+  f"{colour}_{pattern}" for colour in MULTI_LABEL_COLOURS for pattern in MULTI_LABEL_PATTERNS
+)
 MAX_OBJECTS = 4
 
 
@@ -70,7 +89,7 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
   if name == "ring":
     r2 = u * u + v * v
-    return (r2 <= 1.0) & (r2 >= 0.55 ** 2)
+    return (r2 <= 1.0) & (r2 >= 0.55**2)
   if name == "hollow_square":
     m = np.maximum(au, av)
     return (m <= 0.9) & (m >= 0.6)
@@ -103,7 +122,7 @@ def _pattern(name: str, u, v, rng) -> np.ndarray:
   if name == "speckle":  # random cells of 1-3 pixels
     cell = int(rng.integers(1, 4))
     cells = rng.random((u.shape[0] // cell + 1, u.shape[1] // cell + 1)) < 0.5
-    return np.repeat(np.repeat(cells, cell, 0), cell, 1)[:u.shape[0], :u.shape[1]]
+    return np.repeat(np.repeat(cells, cell, 0), cell, 1)[: u.shape[0], : u.shape[1]]
   raise ValueError(f"Unknown pattern {name!r}.")
 
 
@@ -173,8 +192,17 @@ def render_single_label(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[
     for _ in range(int(rng.integers(3, 7))):
       radius = rng.uniform(0.11, 0.19) * size
       cy, cx = rng.uniform(0.5 * radius, size - 0.5 * radius, 2)
-      _draw_shape(image, yy, xx, _SCENE_SHAPES[int(rng.integers(3))], cy, cx, radius,
-                  rng.uniform(-np.pi / 12, np.pi / 12), _random_colour(rng, bg_colour))
+      _draw_shape(
+        image,
+        yy,
+        xx,
+        _SCENE_SHAPES[int(rng.integers(3))],
+        cy,
+        cx,
+        radius,
+        rng.uniform(-np.pi / 12, np.pi / 12),
+        _random_colour(rng, bg_colour),
+      )
   # "plain": the gradient background alone
   return _finish(rng, image), label
 
@@ -184,8 +212,9 @@ def _multi_label_choice(rng) -> list[int]:
   return sorted(int(c) for c in rng.choice(len(MULTI_LABEL_CLASSES), count, replace=False))
 
 
-def render_multi_label(seed: int, index: int, size: int = IMAGE_SIZE
-                       ) -> tuple[np.ndarray, list[int]]:
+def render_multi_label(
+  seed: int, index: int, size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, list[int]]:
   """Example `index` of the multi-label split: (uint8 [size, size, 3], sorted class ids)."""
   rng = np.random.default_rng([seed, index])
   labels = _multi_label_choice(rng)
@@ -193,23 +222,30 @@ def render_multi_label(seed: int, index: int, size: int = IMAGE_SIZE
   image = _background(rng, size, np.array(colorsys.hsv_to_rgb(*bg_hsv)) * 255)
   yy, xx = _grid(size)
   cell = size / 2
-  cells = rng.permutation(4)[:len(labels)]
+  cells = rng.permutation(4)[: len(labels)]
   for label, where in zip(labels, cells):
     colour_index, pattern_index = divmod(label, len(MULTI_LABEL_PATTERNS))
     hue = list(MULTI_LABEL_COLOURS.values())[colour_index] + rng.uniform(-0.04, 0.04)
-    rgb = np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.65, 1.0),
-                                       rng.uniform(0.6, 1.0))) * 255
+    rgb = (
+      np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))) * 255
+    )
     grey = rng.uniform(40, 220)
     side = int(rng.uniform(0.36, 0.48) * size)
     top = int((where // 2) * cell + rng.integers(0, int(cell) - side + 1))
     left = int((where % 2) * cell + rng.integers(0, int(cell) - side + 1))
-    window = image[top:top + side, left:left + side]
+    window = image[top : top + side, left : left + side]
     pattern_name = MULTI_LABEL_PATTERNS[pattern_index]
     if pattern_name == "solid":
       window[...] = rgb
     else:
-      u, v = _object_coords(yy[:side, :side], xx[:side, :side], side / 2, side / 2, 1.0,
-                            rng.uniform(-np.pi / 12, np.pi / 12))
+      u, v = _object_coords(
+        yy[:side, :side],
+        xx[:side, :side],
+        side / 2,
+        side / 2,
+        1.0,
+        rng.uniform(-np.pi / 12, np.pi / 12),
+      )
       pattern = _pattern(pattern_name, u, v, rng)
       window[...] = grey
       window[pattern] = rgb

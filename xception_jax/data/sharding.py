@@ -9,6 +9,7 @@ stated once and can be tested exhaustively:
 * Evaluation never drops examples: every process yields the same number of batches
   (ceil(largest shard / per-process batch)), padding its own tail with masked-out examples.
 """
+
 from __future__ import annotations
 
 
@@ -16,8 +17,9 @@ def process_range(num_examples: int, process_index: int, process_count: int) -> 
   """Returns [start, stop) of the examples that `process_index` reads."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(
-        f"process_index={process_index} must be in [0, process_count={process_count}) "
-        "and process_count >= 1.")
+      f"process_index={process_index} must be in [0, process_count={process_count}) "
+      "and process_count >= 1."
+    )
   start = process_index * num_examples // process_count
   stop = (process_index + 1) * num_examples // process_count
   return start, stop
@@ -38,8 +40,9 @@ def per_process_batch_size(global_batch_size: int, process_count: int, what: str
     raise ValueError(f"config.{what}={global_batch_size} must be >= 1.")
   if global_batch_size % process_count:
     raise ValueError(
-        f"config.{what}={global_batch_size} is not divisible by the number of JAX processes "
-        f"({process_count}); use a multiple of {process_count}.")
+      f"config.{what}={global_batch_size} is not divisible by the number of JAX processes "
+      f"({process_count}); use a multiple of {process_count}."
+    )
   return global_batch_size // process_count
 
 

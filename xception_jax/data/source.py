@@ -10,6 +10,7 @@ image bytes (the bytes themselves for tfds, a file path for image folders, so th
 buffer and the resume-skip hold paths rather than megabytes); 'label' is an int64 scalar
 (single-label) or a 1-D int64 vector of class ids (multi-label).
 """
+
 from __future__ import annotations
 
 import abc
@@ -25,6 +26,7 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 @dataclasses.dataclass
 class Source(abc.ABC):
   """A dataset resolved from `config.dataset`, checked to be present and readable."""
+
   name: str
   num_classes: int
   multi_label: bool

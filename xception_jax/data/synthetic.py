@@ -8,10 +8,12 @@ Labels are single-label unless `config.loss == 'sigmoid'`, in which case they ar
 Sizes reported by `dataset_info`: ImageNet's training-set size (so epoch-based schedules behave
 as on ImageNet) and a small eval split of `NUM_EVAL_EXAMPLES` (evaluation is meaningless here).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +32,15 @@ MEAN_POSITIVES = 3.0  # multi-label: expected positives per example
 def dataset_info(config) -> types.DatasetInfo:
   num_classes = config.num_classes if config.get("num_classes") is not None else DEFAULT_NUM_CLASSES
   return types.DatasetInfo(
-      name=source.SYNTHETIC, num_classes=int(num_classes),
-      num_train_examples=NUM_TRAIN_EXAMPLES, num_eval_examples=NUM_EVAL_EXAMPLES,
-      multi_label=_multi_label(config), class_names=None,
-      train_split="train", eval_split="eval")
+    name=source.SYNTHETIC,
+    num_classes=int(num_classes),
+    num_train_examples=NUM_TRAIN_EXAMPLES,
+    num_eval_examples=NUM_EVAL_EXAMPLES,
+    multi_label=_multi_label(config),
+    class_names=None,
+    train_split="train",
+    eval_split="eval",
+  )
 
 
 def _multi_label(config) -> bool:
@@ -49,15 +56,17 @@ def _output_shardings(sharding, multi_label: bool):
     P = jax.sharding.PartitionSpec
     image = jax.sharding.NamedSharding(sharding.mesh, P(batch_axis, None, None, None))
     label = jax.sharding.NamedSharding(
-        sharding.mesh, P(batch_axis, None) if multi_label else P(batch_axis))
+      sharding.mesh, P(batch_axis, None) if multi_label else P(batch_axis)
+    )
     return {"image": image, "label": label}
   return {"image": sharding, "label": sharding}
 
 
 def _random_batch(key, batch_size, image_size, num_classes, multi_label, dtype):
   image_key, label_key = jax.random.split(key)
-  image = jax.random.uniform(image_key, (batch_size, image_size, image_size, 3), dtype,
-                             minval=-1.0, maxval=1.0)
+  image = jax.random.uniform(
+    image_key, (batch_size, image_size, image_size, 3), dtype, minval=-1.0, maxval=1.0
+  )
   if multi_label:
     p = min(1.0, MEAN_POSITIVES / num_classes)
     label = jax.random.bernoulli(label_key, p, (batch_size, num_classes)).astype(jnp.float32)
@@ -69,14 +78,26 @@ def _random_batch(key, batch_size, image_size, num_classes, multi_label, dtype):
 @functools.lru_cache(maxsize=16)
 def _jitted(batch_size, image_size, num_classes, multi_label, dtype, sharding):
   """One compiled generator per (shape, layout); jax.jit alone would not vary out_shardings."""
-  fn = functools.partial(_random_batch, batch_size=batch_size, image_size=image_size,
-                         num_classes=num_classes, multi_label=multi_label, dtype=dtype)
+  fn = functools.partial(
+    _random_batch,
+    batch_size=batch_size,
+    image_size=image_size,
+    num_classes=num_classes,
+    multi_label=multi_label,
+    dtype=dtype,
+  )
   return jax.jit(fn, out_shardings=_output_shardings(sharding, multi_label))
 
 
-def make_batch(key: jax.Array, batch_size: int, image_size: int, num_classes: int,
-               multi_label: bool = False, sharding: Any = None,
-               dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+def make_batch(
+  key: jax.Array,
+  batch_size: int,
+  image_size: int,
+  num_classes: int,
+  multi_label: bool = False,
+  sharding: Any = None,
+  dtype: Any = jnp.float32,
+) -> dict[str, jax.Array]:
   """A random batch {'image': [B, S, S, 3] in [-1, 1], 'label': int32 [B] or multi-hot [B, C]}.
 
   `sharding` (e.g. NamedSharding(mesh, P('data'))) places the batch directly in its final layout,
@@ -84,10 +105,17 @@ def make_batch(key: jax.Array, batch_size: int, image_size: int, num_classes: in
   """
   if batch_size < 1 or image_size < 1 or num_classes < 1:
     raise ValueError(
-        f"make_batch needs batch_size, image_size, num_classes >= 1; got {batch_size}, "
-        f"{image_size}, {num_classes}.")
-  return _jitted(int(batch_size), int(image_size), int(num_classes), bool(multi_label),
-                 jnp.dtype(dtype), sharding)(key)
+      f"make_batch needs batch_size, image_size, num_classes >= 1; got {batch_size}, "
+      f"{image_size}, {num_classes}."
+    )
+  return _jitted(
+    int(batch_size),
+    int(image_size),
+    int(num_classes),
+    bool(multi_label),
+    jnp.dtype(dtype),
+    sharding,
+  )(key)
 
 
 def default_sharding(batch_size: int) -> jax.sharding.NamedSharding:
@@ -95,22 +123,30 @@ def default_sharding(batch_size: int) -> jax.sharding.NamedSharding:
   devices = jax.devices()
   if batch_size % len(devices):
     raise ValueError(
-        f"config.batch_size={batch_size} must be divisible by the {len(devices)} devices for the "
-        "synthetic dataset's default batch sharding (or pass sharding=... explicitly).")
+      f"config.batch_size={batch_size} must be divisible by the {len(devices)} devices for the "
+      "synthetic dataset's default batch sharding (or pass sharding=... explicitly)."
+    )
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
-def train_iterator(config, info: types.DatasetInfo, start_step: int, sharding: Any = None
-                   ) -> Iterator[types.Batch]:
+def train_iterator(
+  config, info: types.DatasetInfo, start_step: int, sharding: Any = None
+) -> Iterator[types.Batch]:
   """Infinite GLOBAL batches of config.batch_size; step s uses fold_in(PRNGKey(seed), s)."""
   batch_size = int(config.batch_size)
   sharding = default_sharding(batch_size) if sharding is None else sharding
   base_key = jax.random.PRNGKey(int(config.seed))
   step = start_step
   while True:
-    yield make_batch(jax.random.fold_in(base_key, step), batch_size, int(config.image_size),
-                     info.num_classes, info.multi_label, sharding)
+    yield make_batch(
+      jax.random.fold_in(base_key, step),
+      batch_size,
+      int(config.image_size),
+      info.num_classes,
+      info.multi_label,
+      sharding,
+    )
     step += 1
 
 
@@ -119,11 +155,14 @@ class _SyntheticEval:
 
   def __init__(self, config, info, process_index: int, process_count: int):
     self._batch = sharding_lib.per_process_batch_size(
-        sharding_lib.eval_batch_size(config), process_count, "eval_batch_size")
+      sharding_lib.eval_batch_size(config), process_count, "eval_batch_size"
+    )
     self._start, self._stop = sharding_lib.process_range(
-        info.num_eval_examples, process_index, process_count)
+      info.num_eval_examples, process_index, process_count
+    )
     self._num_batches = sharding_lib.num_eval_batches(
-        info.num_eval_examples, process_count, self._batch)
+      info.num_eval_examples, process_count, self._batch
+    )
     self._image_size = int(config.image_size)
     self._info = info
     self._seed = int(config.seed)

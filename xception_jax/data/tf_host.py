@@ -5,6 +5,7 @@ memory of every visible GPU at its first op, memory that JAX needs for the model
 is shown no accelerators: `hide_accelerators()` runs right after TensorFlow is imported by the
 modules that use it, before any TensorFlow op. JAX is not affected (it enumerates devices itself).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,5 +21,9 @@ def hide_accelerators() -> None:
     try:
       tf.config.set_visible_devices([], kind)
     except RuntimeError as e:  # TensorFlow already initialised its devices (an op ran earlier)
-      logging.warning("Could not hide the %ss from TensorFlow (%s); it may hold accelerator memory "
-                      "that JAX needs.", kind, e)
+      logging.warning(
+        "Could not hide the %ss from TensorFlow (%s); it may hold accelerator memory "
+        "that JAX needs.",
+        kind,
+        e,
+      )

@@ -9,6 +9,7 @@ Labels: a `ClassLabel` feature is single-label; a `Sequence(ClassLabel)` is mult
 ids, turned into multi-hot vectors by the pipeline). `open_images_v4` keeps, from its image-level
 'objects', the labels verified positive (confidence 1, stored by tfds as 10).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ OPEN_IMAGES = "open_images_v4"
 OPEN_IMAGES_POSITIVE_CONFIDENCE = 10  # tfds stores confidence * 10 (0, 1, ..., 10)
 
 _MANUAL_FILES = {
-    "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+  "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
 }
 
 
@@ -42,31 +43,42 @@ def _not_prepared_message(builder, name: str, data_dir: str) -> str:
     files = _MANUAL_FILES.get(name.split("/")[0].split(":")[0], ())
     missing = [f for f in files if not os.path.exists(os.path.join(manual_dir, f))]
     if missing or not files:
-      what = (f"put {', '.join(missing)} in {manual_dir}" if files else
-              f"put the files described below in {manual_dir}")
-      return (f"config.dataset={name!r} is not prepared in config.data_dir={data_dir!r} and needs "
-              f"a manual download: {what}, then run `{build}` once (it converts the archives; "
-              f"ImageNet takes hours). tfds instructions:\n{instructions.strip()}")
-    return (f"config.dataset={name!r}: the manual download is in {manual_dir} but the dataset is "
-            f"not prepared in {data_dir!r}; run `{build}` once before training.")
-  return (f"config.dataset={name!r} is not prepared in config.data_dir={data_dir!r}. Prepare it "
-          f"with `{build}` on a machine with network access (or copy a prepared "
-          f"{os.path.join(data_dir, name.split(':')[0])} folder there). For your own images use "
-          "'imagefolder:ROOT' or `python -m xception_jax.data.manifest`.")
+      what = (
+        f"put {', '.join(missing)} in {manual_dir}"
+        if files
+        else f"put the files described below in {manual_dir}"
+      )
+      return (
+        f"config.dataset={name!r} is not prepared in config.data_dir={data_dir!r} and needs "
+        f"a manual download: {what}, then run `{build}` once (it converts the archives; "
+        f"ImageNet takes hours). tfds instructions:\n{instructions.strip()}"
+      )
+    return (
+      f"config.dataset={name!r}: the manual download is in {manual_dir} but the dataset is "
+      f"not prepared in {data_dir!r}; run `{build}` once before training."
+    )
+  return (
+    f"config.dataset={name!r} is not prepared in config.data_dir={data_dir!r}. Prepare it "
+    f"with `{build}` on a machine with network access (or copy a prepared "
+    f"{os.path.join(data_dir, name.split(':')[0])} folder there). For your own images use "
+    "'imagefolder:ROOT' or `python -m xception_jax.data.manifest`."
+  )
 
 
 def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if name in source_lib.EMBEDDED_DATASETS:
     from xception_jax.data import embedded
+
     return embedded.prepare(name, data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
-        f"config.dataset={name!r} is not a tfds dataset (registered or prepared in "
-        f"config.data_dir={_default_data_dir(data_dir)!r}). Valid: a tfds name such as "
-        f"'imagenet2012', 'imagefolder:ROOT', {list(source_lib.EMBEDDED_DATASETS)} or "
-        f"'{source_lib.SYNTHETIC}'.") from e
+      f"config.dataset={name!r} is not a tfds dataset (registered or prepared in "
+      f"config.data_dir={_default_data_dir(data_dir)!r}). Valid: a tfds name such as "
+      f"'imagenet2012', 'imagefolder:ROOT', {list(source_lib.EMBEDDED_DATASETS)} or "
+      f"'{source_lib.SYNTHETIC}'."
+    ) from e
   if not builder.is_prepared():
     raise FileNotFoundError(_not_prepared_message(builder, name, data_dir))
   return builder
@@ -81,21 +93,25 @@ def _label_spec(name: str, builder) -> tuple[str, str, Any]:
   if keys and isinstance(keys[0], str) and isinstance(keys[1], str):
     image_key, label_key = keys
   else:
-    image_key = next((k for k, f in features.items()
-                      if isinstance(f, tfds.features.Image)), None)
+    image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
     label_key = next((k for k in ("label", "labels") if k in features), None)
-  if image_key is None or label_key is None or not isinstance(features[image_key],
-                                                               tfds.features.Image):
+  if (
+    image_key is None
+    or label_key is None
+    or not isinstance(features[image_key], tfds.features.Image)
+  ):
     raise ValueError(
-        f"config.dataset={name!r} has no (Image, ClassLabel) pair to classify: features "
-        f"{sorted(features.keys())}. Use an image-classification dataset.")
+      f"config.dataset={name!r} has no (Image, ClassLabel) pair to classify: features "
+      f"{sorted(features.keys())}. Use an image-classification dataset."
+    )
   label = features[label_key]
   if isinstance(label, tfds.features.Sequence):
     label = label.feature
   if not isinstance(label, tfds.features.ClassLabel):
     raise ValueError(
-        f"config.dataset={name!r}: feature {label_key!r} is {type(label).__name__}, expected a "
-        "ClassLabel (single-label) or Sequence(ClassLabel) (multi-label).")
+      f"config.dataset={name!r}: feature {label_key!r} is {type(label).__name__}, expected a "
+      "ClassLabel (single-label) or Sequence(ClassLabel) (multi-label)."
+    )
   return image_key, label_key, label
 
 
@@ -108,28 +124,37 @@ class TfdsSource(source_lib.Source):
     image_key, label_key, class_label = _label_spec(name, builder)
     splits = builder.info.splits
     train_split = config.train_split or "train"
-    eval_split = config.eval_split or next(
-        (s for s in ("validation", "test") if s in splits), "")
+    eval_split = config.eval_split or next((s for s in ("validation", "test") if s in splits), "")
     if not eval_split:
-      raise ValueError(f"config.dataset={name!r} has no 'validation' or 'test' split; set "
-                       f"config.eval_split to one of {sorted(splits)} (slices like "
-                       "'train[-5%:]' work too).")
+      raise ValueError(
+        f"config.dataset={name!r} has no 'validation' or 'test' split; set "
+        f"config.eval_split to one of {sorted(splits)} (slices like "
+        "'train[-5%:]' work too)."
+      )
     sizes = {}
     for key, split in (("train_split", train_split), ("eval_split", eval_split)):
       try:
         sizes[split] = int(splits[split].num_examples)
       except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"config.{key}={split!r} is not a split of {name!r}: valid "
-                         f"{sorted(splits)} or tfds slices such as 'train[:90%]'.") from e
+        raise ValueError(
+          f"config.{key}={split!r} is not a split of {name!r}: valid "
+          f"{sorted(splits)} or tfds slices such as 'train[:90%]'."
+        ) from e
       if sizes[split] == 0:
         raise ValueError(f"config.{key}={split!r} of {name!r} is empty.")
     label_feature = builder.info.features[label_key]
-    multi_label = (name.split(":")[0].split("/")[0] == OPEN_IMAGES
-                   or isinstance(label_feature, tfds.features.Sequence))
+    multi_label = name.split(":")[0].split("/")[0] == OPEN_IMAGES or isinstance(
+      label_feature, tfds.features.Sequence
+    )
     super().__init__(
-        name=name, num_classes=int(class_label.num_classes), multi_label=multi_label,
-        class_names=tuple(class_label.names), train_split=train_split, eval_split=eval_split,
-        split_sizes=sizes)
+      name=name,
+      num_classes=int(class_label.num_classes),
+      multi_label=multi_label,
+      class_names=tuple(class_label.names),
+      train_split=train_split,
+      eval_split=eval_split,
+      split_sizes=sizes,
+    )
     self._builder = builder
     self._image_key = image_key
     self._label_key = label_key
@@ -163,12 +188,14 @@ class TfdsSource(source_lib.Source):
     if empty:  # an empty shard still needs the right element structure
       pieces = self._pieces(split, 0, 1)
     datasets = [
-        self._builder.as_dataset(
-            split=piece, shuffle_files=False,
-            decoders={self._image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
-        ).map(self._to_record)
-        for piece in pieces]
+      self._builder.as_dataset(
+        split=piece,
+        shuffle_files=False,
+        decoders={self._image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+      ).map(self._to_record)
+      for piece in pieces
+    ]
     ds = datasets[0]
     for more in datasets[1:]:
       ds = ds.concatenate(more)

@@ -3,10 +3,12 @@
 Its own module so that the sources (`pipeline.py`, `tfds_source.py`, `synthetic.py`) and the
 package's entry points (`data/__init__.py`) all import it without importing each other.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypedDict
+from typing import Any
+from typing import TypedDict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +17,7 @@ class DatasetInfo:
 
   `train_split` / `eval_split` are the resolved split names (the config may leave them empty).
   """
+
   name: str
   num_classes: int
   num_train_examples: int
@@ -34,6 +37,7 @@ class Batch(TypedDict, total=False):
   label: int32 [B] class ids, or float32 [B, num_classes] multi-hot (multi-label datasets).
   mask: eval batches only: float32 [B], 1 for a real example and 0 for padding.
   """
+
   image: Any
   label: Any
   mask: Any

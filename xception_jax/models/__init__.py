@@ -19,6 +19,7 @@ Names:
 Modules are imported when first created, so a missing optional model does not break the others.
 Unknown names and unknown keyword arguments raise ValueError listing the valid ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,13 +34,19 @@ from xception_jax.models import layers
 # name -> (module path, attribute, default keyword arguments). The attribute is a Module class or
 # a functools.partial of one.
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "xception": ("xception_jax.models.xception", "Xception", {}),
-    "xception_small": ("xception_jax.models.xception", "Xception",
-                       dict(width_multiplier=0.25, num_middle_blocks=3)),
-    "xception_tiny": ("xception_jax.models.xception", "Xception",
-                      dict(width_multiplier=0.125, num_middle_blocks=1)),
-    "inception_v3": ("xception_jax.models.inception_v3", "InceptionV3", {}),
-    "inception_v3_tiny": ("xception_jax.models.inception_v3", "inception_v3_tiny", {}),
+  "xception": ("xception_jax.models.xception", "Xception", {}),
+  "xception_small": (
+    "xception_jax.models.xception",
+    "Xception",
+    dict(width_multiplier=0.25, num_middle_blocks=3),
+  ),
+  "xception_tiny": (
+    "xception_jax.models.xception",
+    "Xception",
+    dict(width_multiplier=0.125, num_middle_blocks=1),
+  ),
+  "inception_v3": ("xception_jax.models.inception_v3", "InceptionV3", {}),
+  "inception_v3_tiny": ("xception_jax.models.inception_v3", "inception_v3_tiny", {}),
 }
 
 # Fields every Linen module has that are not model settings.
@@ -58,8 +65,9 @@ def _factory(name: str):
   except ModuleNotFoundError as e:
     if e.name != module_path:
       raise
-    raise ValueError(f"Model {name!r} is registered but its module {module_path} is not "
-                     f"available in this checkout") from e
+    raise ValueError(
+      f"Model {name!r} is registered but its module {module_path} is not available in this checkout"
+    ) from e
   if not hasattr(module, attribute):
     raise ValueError(f"Model {name!r}: {module_path} defines no {attribute!r}")
   return getattr(module, attribute)
@@ -92,8 +100,9 @@ def create(name: str, **kwargs: Any) -> nn.Module:
   valid = _settings(factory)
   unknown = sorted(set(kwargs) - set(valid))
   if unknown:
-    raise ValueError(f"Model {name!r} got unknown keyword argument(s) {unknown}; "
-                     f"valid: {', '.join(valid)}")
+    raise ValueError(
+      f"Model {name!r} got unknown keyword argument(s) {unknown}; valid: {', '.join(valid)}"
+    )
   settings = {**_REGISTRY[name][2], **kwargs}
   if "dtype" in settings:
     settings["dtype"] = layers.canonical_dtype(settings["dtype"])
@@ -146,8 +155,9 @@ def parse_segments(value: Any, name: str = "segments") -> Any:
   for item in value.split(","):
     flow, equals, setting = item.partition("=")
     if not equals:
-      raise ValueError(f"per-flow setting {name}={value!r}: expected flow=value items, got "
-                       f"{item!r}")
+      raise ValueError(
+        f"per-flow setting {name}={value!r}: expected flow=value items, got {item!r}"
+      )
     flows[flow.strip()] = one(setting)
   return flows
 

@@ -13,9 +13,11 @@ multiple, greedily, until the count fits. The result reports the widths and the 
 parameter-count function. `fit_budget` applies it to an `XceptionArchitecture`, counting
 parameters with the analytic `xception_costs.xception_param_counts` (microseconds per call).
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import math
 from typing import Any
@@ -30,6 +32,7 @@ DEFAULT_TOLERANCE = 0.01
 @dataclasses.dataclass(frozen=True)
 class BudgetSolution:
   """Widths found by `solve_widths` and how close they come to the target."""
+
   widths: tuple[int, ...]
   params: int
   target: int
@@ -45,10 +48,15 @@ def _scaled(base: Sequence[int], quanta: Sequence[int], scale: float) -> tuple[i
   return tuple(max(q, round(b * scale / q) * q) for b, q in zip(base, quanta))
 
 
-def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: int,
-                 count_params: Callable[[tuple[int, ...]], int],
-                 tolerance: float = DEFAULT_TOLERANCE,
-                 slot_names: Sequence[str] | None = None) -> BudgetSolution:
+def solve_widths(
+  *,
+  base_widths: Sequence[int],
+  quanta: Sequence[int],
+  target: int,
+  count_params: Callable[[tuple[int, ...]], int],
+  tolerance: float = DEFAULT_TOLERANCE,
+  slot_names: Sequence[str] | None = None,
+) -> BudgetSolution:
   """Widths (each a multiple of its quantum) whose parameter count is within tolerance of target.
 
   Args:
@@ -63,8 +71,9 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
     ValueError: when no widths on the allowed grid come within the tolerance (naming the best).
   """
   if len(base_widths) != len(quanta):
-    raise ValueError(f"base_widths {tuple(base_widths)} and quanta {tuple(quanta)} differ in "
-                     "length")
+    raise ValueError(
+      f"base_widths {tuple(base_widths)} and quanta {tuple(quanta)} differ in length"
+    )
   if target < 1:
     raise ValueError(f"budget target must be a positive parameter count, got {target}")
   names = list(slot_names) if slot_names else [str(i) for i in range(len(base_widths))]
@@ -119,10 +128,11 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
 
   if error(best) > tolerance:
     raise ValueError(
-        f"The budget solver found no widths within {tolerance:.1%} of {target:,} parameters: "
-        f"the closest, {dict(zip(names, best))}, give {params(best):,} "
-        f"({params(best) / target:.4f} x). The widths must be multiples of "
-        f"{dict(zip(names, quanta))}; a smaller segment count or group width allows a finer grid.")
+      f"The budget solver found no widths within {tolerance:.1%} of {target:,} parameters: "
+      f"the closest, {dict(zip(names, best))}, give {params(best):,} "
+      f"({params(best) / target:.4f} x). The widths must be multiples of "
+      f"{dict(zip(names, quanta))}; a smaller segment count or group width allows a finer grid."
+    )
   return BudgetSolution(widths=best, params=params(best), target=target, quanta=tuple(quanta))
 
 
@@ -131,15 +141,22 @@ def _target(arch: xception_arch.XceptionArchitecture, budget: Any) -> int:
   if isinstance(budget, str) and budget == "params":
     depthwise = dataclasses.replace(arch, rules=tuple(xception_arch.segment_rules().items()))
     return xception_costs.xception_param_counts(depthwise)[0]
-  if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0 and (
-      float(budget).is_integer()):  # configs may spell 20M as 2e7
+  if (
+    isinstance(budget, (int, float))
+    and not isinstance(budget, bool)
+    and budget > 0
+    and (float(budget).is_integer())
+  ):  # configs may spell 20M as 2e7
     return int(budget)
-  raise ValueError(f"budget must be None, 'params' (Xception's parameter count at these "
-                   f"settings) or a positive int parameter count, got {budget!r}")
+  raise ValueError(
+    f"budget must be None, 'params' (Xception's parameter count at these "
+    f"settings) or a positive int parameter count, got {budget!r}"
+  )
 
 
-def fit_budget(arch: xception_arch.XceptionArchitecture,
-               budget: Any) -> xception_arch.XceptionArchitecture:
+def fit_budget(
+  arch: xception_arch.XceptionArchitecture, budget: Any
+) -> xception_arch.XceptionArchitecture:
   """`arch` at the widths (multiples of 8 and of each layer's segment rule) nearest the budget.
 
   Args:
@@ -160,7 +177,10 @@ def fit_budget(arch: xception_arch.XceptionArchitecture,
     return dataclasses.replace(arch, widths=widths, budget_target=target)
 
   solution = solve_widths(
-      base_widths=arch.widths, quanta=tuple(quanta[s] for s in xception_arch.WIDTH_SLOTS),
-      target=target, count_params=lambda w: xception_costs.xception_param_counts(at(w))[0],
-      slot_names=xception_arch.WIDTH_SLOTS)
+    base_widths=arch.widths,
+    quanta=tuple(quanta[s] for s in xception_arch.WIDTH_SLOTS),
+    target=target,
+    count_params=lambda w: xception_costs.xception_param_counts(at(w))[0],
+    slot_names=xception_arch.WIDTH_SLOTS,
+  )
   return at(solution.widths).validated()

@@ -5,6 +5,7 @@ network's description are in `xception_costs`), without building or tracing the 
 over the spectrum need costs for many configurations. `counted_cost` counts them for any model
 from `jax.eval_shape` and XLA's cost analysis.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ class ModelCost:
       (`xception_costs.STAGES` for the analytic costs, one "total" for the counted ones).
     architecture: the resolved Xception architecture (widths, per-layer segments).
   """
+
   model: str
   image_size: tuple[int, int]
   params: int
@@ -51,13 +53,20 @@ def _image_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     image_size = (image_size, image_size)
   image_size = tuple(int(n) for n in image_size)
   if len(image_size) != 2 or min(image_size) < xception_arch.MIN_IMAGE_SIZE:
-    raise ValueError(f"image_size must be an int or (height, width), each >= "
-                     f"{xception_arch.MIN_IMAGE_SIZE} for Xception, got {image_size}")
+    raise ValueError(
+      f"image_size must be an int or (height, width), each >= "
+      f"{xception_arch.MIN_IMAGE_SIZE} for Xception, got {image_size}"
+    )
   return image_size
 
 
-def model_cost(name: str, image_size: int | tuple[int, int] = 299, *,
-               exclude_padding: bool = False, **kwargs: Any) -> ModelCost:
+def model_cost(
+  name: str,
+  image_size: int | tuple[int, int] = 299,
+  *,
+  exclude_padding: bool = False,
+  **kwargs: Any,
+) -> ModelCost:
   """Analytic params, batch-statistic entries and MACs per stage of a registered Xception model.
 
   Args:
@@ -74,15 +83,22 @@ def model_cost(name: str, image_size: int | tuple[int, int] = 299, *,
   """
   module = models.create(name, **kwargs)
   if not isinstance(module, xception_lib.Xception):
-    raise ValueError(f"model_cost has analytic formulas for the Xception family only, not "
-                     f"{name!r}; use costs.counted_cost({name!r}, ...) (jax.eval_shape and XLA's "
-                     "cost analysis) for other models")
+    raise ValueError(
+      f"model_cost has analytic formulas for the Xception family only, not "
+      f"{name!r}; use costs.counted_cost({name!r}, ...) (jax.eval_shape and XLA's "
+      "cost analysis) for other models"
+    )
   image_size = _image_size(image_size)
   arch = module.architecture()
   walk = xception_costs.xception_walk(arch, image_size, exclude_padding)
-  return ModelCost(model=name, image_size=image_size, params=walk.params,
-                   batch_stat_entries=walk.batch_stats, macs_per_stage=dict(walk.macs),
-                   architecture=arch)
+  return ModelCost(
+    model=name,
+    image_size=image_size,
+    params=walk.params,
+    batch_stat_entries=walk.batch_stats,
+    macs_per_stage=dict(walk.macs),
+    architecture=arch,
+  )
 
 
 def counted_cost(name: str, image_size: int | tuple[int, int] = 299, **kwargs: Any) -> ModelCost:
@@ -97,13 +113,15 @@ def counted_cost(name: str, image_size: int | tuple[int, int] = 299, **kwargs: A
   if isinstance(image_size, int):
     image_size = (image_size, image_size)
   images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
-  variables = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0),
-                             images)
+  variables = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), images)
   count = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   lowered = jax.jit(functools.partial(module.apply, train=False)).lower(variables, images)
   analysis = lowered.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return ModelCost(model=name, image_size=tuple(image_size),
-                   params=count(variables.get("params", {})),
-                   batch_stat_entries=count(variables.get("batch_stats", {})),
-                   macs_per_stage={"total": int(analysis["flops"] // 2)})
+  return ModelCost(
+    model=name,
+    image_size=tuple(image_size),
+    params=count(variables.get("params", {})),
+    batch_stat_entries=count(variables.get("batch_stats", {})),
+    macs_per_stage={"total": int(analysis["flops"] // 2)},
+  )

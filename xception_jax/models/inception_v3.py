@@ -17,11 +17,13 @@ The network is described once, as data (`STEM`, `BLOCKS`), and `InceptionV3` bui
 description. The weight importer walks the same description to rebuild the Keras layer graph and
 recover the order in which Keras stores layers in its .h5 files (see `xception_jax.convert`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,6 +40,7 @@ MIN_IMAGE_SIZE = 75
 @dataclasses.dataclass(frozen=True)
 class Conv:
   """One `conv2d_bn` layer: a bias-free conv, BatchNorm without scale, ReLU."""
+
   filters: int
   kernel: tuple[int, int]
   stride: int = 1
@@ -47,12 +50,14 @@ class Conv:
 @dataclasses.dataclass(frozen=True)
 class Pool:
   """A 3x3 pooling layer: 'avg' is stride 1 SAME excluding padding; 'max' is stride 2 VALID."""
+
   kind: str  # "avg" | "max"
 
 
 @dataclasses.dataclass(frozen=True)
 class Fork:
   """Two convs applied to the same input, outputs concatenated (the 1x3 / 3x1 pair of mixed9-10)."""
+
   left: Conv
   right: Conv
 
@@ -70,28 +75,33 @@ def _c(filters: int, kh: int, kw: int, stride: int = 1, padding: str = "SAME") -
 
 # The stem is one chain: 299 -> 149 -> 147 -> 147 -> 73 -> 73 -> 71 -> 35.
 STEM: Branch = (
-    _c(32, 3, 3, 2, "VALID"), _c(32, 3, 3, padding="VALID"), _c(64, 3, 3), MAX,
-    _c(80, 1, 1, padding="VALID"), _c(192, 3, 3, padding="VALID"), MAX,
+  _c(32, 3, 3, 2, "VALID"),
+  _c(32, 3, 3, padding="VALID"),
+  _c(64, 3, 3),
+  MAX,
+  _c(80, 1, 1, padding="VALID"),
+  _c(192, 3, 3, padding="VALID"),
+  MAX,
 )
 
 
 def _block_35(pool_filters: int) -> tuple[Branch, ...]:
   """mixed0-2 (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
   return (
-      (_c(64, 1, 1),),
-      (_c(48, 1, 1), _c(64, 5, 5)),
-      (_c(64, 1, 1), _c(96, 3, 3), _c(96, 3, 3)),
-      (AVG, _c(pool_filters, 1, 1)),
+    (_c(64, 1, 1),),
+    (_c(48, 1, 1), _c(64, 5, 5)),
+    (_c(64, 1, 1), _c(96, 3, 3), _c(96, 3, 3)),
+    (AVG, _c(pool_filters, 1, 1)),
   )
 
 
 def _block_17(c7: int) -> tuple[Branch, ...]:
   """mixed4-7 (17x17): 7x7 convs factorised into 1x7 and 7x1, `c7` channels inside."""
   return (
-      (_c(192, 1, 1),),
-      (_c(c7, 1, 1), _c(c7, 1, 7), _c(192, 7, 1)),
-      (_c(c7, 1, 1), _c(c7, 7, 1), _c(c7, 1, 7), _c(c7, 7, 1), _c(192, 1, 7)),
-      (AVG, _c(192, 1, 1)),
+    (_c(192, 1, 1),),
+    (_c(c7, 1, 1), _c(c7, 1, 7), _c(192, 7, 1)),
+    (_c(c7, 1, 1), _c(c7, 7, 1), _c(c7, 1, 7), _c(c7, 7, 1), _c(192, 1, 7)),
+    (AVG, _c(192, 1, 1)),
   )
 
 
@@ -99,34 +109,40 @@ def _block_8() -> tuple[Branch, ...]:
   """mixed9-10 (8x8): the 3x3 branches end in a parallel 1x3 / 3x1 pair (expanded filter bank)."""
   pair = Fork(_c(384, 1, 3), _c(384, 3, 1))
   return (
-      (_c(320, 1, 1),),
-      (_c(384, 1, 1), pair),
-      (_c(448, 1, 1), _c(384, 3, 3), pair),
-      (AVG, _c(192, 1, 1)),
+    (_c(320, 1, 1),),
+    (_c(384, 1, 1), pair),
+    (_c(448, 1, 1), _c(384, 3, 3), pair),
+    (AVG, _c(192, 1, 1)),
   )
 
 
 # (name, branches): each block concatenates its branches' outputs along channels, in this order.
 BLOCKS: tuple[tuple[str, tuple[Branch, ...]], ...] = (
-    ("mixed0", _block_35(32)),
-    ("mixed1", _block_35(64)),
-    ("mixed2", _block_35(64)),
-    ("mixed3", (  # 35 -> 17 grid reduction
-        (_c(384, 3, 3, 2, "VALID"),),
-        (_c(64, 1, 1), _c(96, 3, 3), _c(96, 3, 3, 2, "VALID")),
-        (MAX,),
-    )),
-    ("mixed4", _block_17(128)),
-    ("mixed5", _block_17(160)),
-    ("mixed6", _block_17(160)),
-    ("mixed7", _block_17(192)),
-    ("mixed8", (  # 17 -> 8 grid reduction
-        (_c(192, 1, 1), _c(320, 3, 3, 2, "VALID")),
-        (_c(192, 1, 1), _c(192, 1, 7), _c(192, 7, 1), _c(192, 3, 3, 2, "VALID")),
-        (MAX,),
-    )),
-    ("mixed9", _block_8()),
-    ("mixed10", _block_8()),
+  ("mixed0", _block_35(32)),
+  ("mixed1", _block_35(64)),
+  ("mixed2", _block_35(64)),
+  (
+    "mixed3",
+    (  # 35 -> 17 grid reduction
+      (_c(384, 3, 3, 2, "VALID"),),
+      (_c(64, 1, 1), _c(96, 3, 3), _c(96, 3, 3, 2, "VALID")),
+      (MAX,),
+    ),
+  ),
+  ("mixed4", _block_17(128)),
+  ("mixed5", _block_17(160)),
+  ("mixed6", _block_17(160)),
+  ("mixed7", _block_17(192)),
+  (
+    "mixed8",
+    (  # 17 -> 8 grid reduction
+      (_c(192, 1, 1), _c(320, 3, 3, 2, "VALID")),
+      (_c(192, 1, 1), _c(192, 1, 7), _c(192, 7, 1), _c(192, 3, 3, 2, "VALID")),
+      (MAX,),
+    ),
+  ),
+  ("mixed9", _block_8()),
+  ("mixed10", _block_8()),
 )
 
 STEM_NAME = "stem"
@@ -143,6 +159,7 @@ def conv_name(branch: int, position: int, side: str = "") -> str:
 
 class ConvBN(nn.Module):
   """Keras's `conv2d_bn`: Conv (no bias) -> BatchNorm (no scale, eps 1e-3) -> ReLU."""
+
   spec: Conv
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
@@ -150,11 +167,18 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Conv(
-        widths.scaled_width(self.spec.filters, self.width_multiplier), self.spec.kernel,
-        strides=self.spec.stride, padding=self.spec.padding, use_bias=False, dtype=self.dtype,
-        kernel_init=layers.kernel_init, name="conv")(x)
-    x = layers.BatchNorm(use_running_average=not train, use_scale=False, dtype=self.dtype,
-                         name="bn")(x)
+      widths.scaled_width(self.spec.filters, self.width_multiplier),
+      self.spec.kernel,
+      strides=self.spec.stride,
+      padding=self.spec.padding,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=layers.kernel_init,
+      name="conv",
+    )(x)
+    x = layers.BatchNorm(
+      use_running_average=not train, use_scale=False, dtype=self.dtype, name="bn"
+    )(x)
     return nn.relu(x)
 
 
@@ -168,6 +192,7 @@ def pool(x: jax.Array, kind: str) -> jax.Array:
 
 class InceptionBlock(nn.Module):
   """Parallel branches over one input, concatenated along channels (an Inception module)."""
+
   branches: tuple[Branch, ...]
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
@@ -178,19 +203,24 @@ class InceptionBlock(nn.Module):
     return jnp.concatenate(outputs, axis=-1)
 
 
-def _run_branch(parent: nn.Module, x: jax.Array, branch: Branch, index: int,
-                train: bool) -> jax.Array:
+def _run_branch(
+  parent: nn.Module, x: jax.Array, branch: Branch, index: int, train: bool
+) -> jax.Array:
   """Applies a chain of ops, creating the ConvBN submodules inside `parent`'s compact scope."""
-  conv = functools.partial(ConvBN, width_multiplier=parent.width_multiplier, dtype=parent.dtype,
-                           parent=parent)
+  conv = functools.partial(
+    ConvBN, width_multiplier=parent.width_multiplier, dtype=parent.dtype, parent=parent
+  )
   for position, op in enumerate(branch):
     if isinstance(op, Pool):
       x = pool(x, op.kind)
     elif isinstance(op, Fork):
-      x = jnp.concatenate([
+      x = jnp.concatenate(
+        [
           conv(op.left, name=conv_name(index, position, "a"))(x, train),
           conv(op.right, name=conv_name(index, position, "b"))(x, train),
-      ], axis=-1)
+        ],
+        axis=-1,
+      )
     else:
       x = conv(op, name=conv_name(index, position))(x, train)
   return x
@@ -198,6 +228,7 @@ def _run_branch(parent: nn.Module, x: jax.Array, branch: Branch, index: int,
 
 class Stem(nn.Module):
   """The plain conv/pool chain before mixed0."""
+
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
 
@@ -220,6 +251,7 @@ class InceptionV3(nn.Module):
     width_multiplier: scales every conv's channels (multiples of 8); 1.0 is the reference.
     dtype: compute dtype (e.g. bfloat16); parameters stay float32 and logits are returned float32.
   """
+
   num_classes: int | None = 1000
   dropout_rate: float = 0.0
   frozen_batch_norm: bool = False
@@ -231,41 +263,60 @@ class InceptionV3(nn.Module):
     if isinstance(self.fc_layers, list):  # from a config: keep the module hashable
       object.__setattr__(self, "fc_layers", tuple(self.fc_layers))
     if self.num_classes is not None and (
-        not isinstance(self.num_classes, int) or self.num_classes < 0):
-      raise ValueError(f"InceptionV3: num_classes must be a positive int, or 0/None for the "
-                       f"headless network; got {self.num_classes!r}.")
-    if isinstance(self.dropout_rate, bool) or not isinstance(
-        self.dropout_rate, (int, float)) or not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"InceptionV3: dropout_rate must be in [0, 1); got {self.dropout_rate!r}.")
-    if isinstance(self.width_multiplier, bool) or not isinstance(
-        self.width_multiplier, (int, float)) or not self.width_multiplier > 0:
+      not isinstance(self.num_classes, int) or self.num_classes < 0
+    ):
       raise ValueError(
-          f"InceptionV3: width_multiplier must be > 0; got {self.width_multiplier!r}.")
+        f"InceptionV3: num_classes must be a positive int, or 0/None for the "
+        f"headless network; got {self.num_classes!r}."
+      )
+    if (
+      isinstance(self.dropout_rate, bool)
+      or not isinstance(self.dropout_rate, (int, float))
+      or not 0.0 <= self.dropout_rate < 1.0
+    ):
+      raise ValueError(f"InceptionV3: dropout_rate must be in [0, 1); got {self.dropout_rate!r}.")
+    if (
+      isinstance(self.width_multiplier, bool)
+      or not isinstance(self.width_multiplier, (int, float))
+      or not self.width_multiplier > 0
+    ):
+      raise ValueError(f"InceptionV3: width_multiplier must be > 0; got {self.width_multiplier!r}.")
     if any(isinstance(u, bool) or not isinstance(u, int) or u <= 0 for u in self.fc_layers):
       raise ValueError(f"InceptionV3: fc_layers must be positive ints; got {self.fc_layers!r}.")
     if self.fc_layers and not self.num_classes:
-      raise ValueError("InceptionV3: fc_layers sit before the classifier, so they need "
-                       f"num_classes > 0; got num_classes={self.num_classes!r}.")
+      raise ValueError(
+        "InceptionV3: fc_layers sit before the classifier, so they need "
+        f"num_classes > 0; got num_classes={self.num_classes!r}."
+      )
     layers.canonical_dtype(self.dtype)  # raises naming the valid dtypes
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     if images.ndim != 4:
-      raise ValueError(f"InceptionV3: images must be [batch, height, width, channels]; "
-                       f"got shape {images.shape}.")
+      raise ValueError(
+        f"InceptionV3: images must be [batch, height, width, channels]; got shape {images.shape}."
+      )
     height, width = images.shape[1:3]
     if height < MIN_IMAGE_SIZE or width < MIN_IMAGE_SIZE:
-      raise ValueError(f"InceptionV3: input {height}x{width} is too small; height and width must "
-                       f"be at least {MIN_IMAGE_SIZE} (299 is the reference size).")
+      raise ValueError(
+        f"InceptionV3: input {height}x{width} is too small; height and width must "
+        f"be at least {MIN_IMAGE_SIZE} (299 is the reference size)."
+      )
     dtype = layers.canonical_dtype(self.dtype)
     x = jnp.asarray(images, dtype)
     train_batch_norm = train and not self.frozen_batch_norm  # the body's only use of `train`
     x = Stem(self.width_multiplier, dtype, name=STEM_NAME)(x, train_batch_norm)
     for name, branches in BLOCKS:
       x = InceptionBlock(branches, self.width_multiplier, dtype, name=name)(x, train_batch_norm)
-    return head.classifier_head(x, num_classes=self.num_classes, fc_layers=self.fc_layers,
-                                dropout_rate=self.dropout_rate, train=train, dtype=dtype)
+    return head.classifier_head(
+      x,
+      num_classes=self.num_classes,
+      fc_layers=self.fc_layers,
+      dropout_rate=self.dropout_rate,
+      train=train,
+      dtype=dtype,
+    )
 
 
 # A narrow variant for tests and CPU smoke runs: same depth and layer graph, 1/8 of the channels

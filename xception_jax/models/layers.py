@@ -26,9 +26,12 @@ Max pooling stays native on every platform: two cheaper-in-isolation backward fo
 full step slower (same section). Parameters keep their shapes and names, so Keras weights and
 checkpoints load unchanged.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 import contextlib
 import functools
 from typing import Any
@@ -46,9 +49,9 @@ kernel_init = nn.initializers.glorot_uniform()
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array] | None] = {
-    "none": None,
-    "relu": nn.relu,
-    "elu": nn.elu,
+  "none": None,
+  "relu": nn.relu,
+  "elu": nn.elu,
 }
 
 ORDERS = ("depthwise_first", "pointwise_first")
@@ -59,6 +62,7 @@ class BatchNorm(nn.BatchNorm):
 
   Flax's own defaults (epsilon 1e-5) would make Keras-imported weights give different outputs.
   """
+
   momentum: float = 0.99
   epsilon: float = 1e-3
 
@@ -89,9 +93,10 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
     raise ValueError(f"{layer}: segments must be an int, got {segments!r}")
   if segments < 1 or channels % segments:
     raise ValueError(
-        f"{layer}: segments={segments} does not divide the {channels} channels of its spatial "
-        f"conv; valid segment counts for {channels} channels: "
-        f"{', '.join(map(str, divisors(channels)))}")
+      f"{layer}: segments={segments} does not divide the {channels} channels of its spatial "
+      f"conv; valid segment counts for {channels} channels: "
+      f"{', '.join(map(str, divisors(channels)))}"
+    )
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -109,8 +114,12 @@ def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
   return canonical == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
 
 
-def _explicit_padding(padding: str | Sequence[tuple[int, int]], in_shape: Sequence[int],
-                      window: Sequence[int], strides: Sequence[int]) -> list[tuple[int, int]]:
+def _explicit_padding(
+  padding: str | Sequence[tuple[int, int]],
+  in_shape: Sequence[int],
+  window: Sequence[int],
+  strides: Sequence[int],
+) -> list[tuple[int, int]]:
   """(low, high) pads per spatial dim; "SAME" puts the odd extra pixel at the end, as TF does."""
   if isinstance(padding, str):
     return [tuple(p) for p in lax.padtype_to_pads(in_shape, window, strides, padding)]
@@ -119,12 +128,12 @@ def _explicit_padding(padding: str | Sequence[tuple[int, int]], in_shape: Sequen
 
 def _pad_nhwc(x: jax.Array, value: Any, pads: Sequence[tuple[int, int]]) -> jax.Array:
   """lax.pad of the two spatial dims of an NHWC array (negative pads crop, as in lax.pad)."""
-  return lax.pad(x, jnp.array(value, x.dtype),
-                 [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+  return lax.pad(x, jnp.array(value, x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
 
 
-def _window_slices(xp: jax.Array, window: Sequence[int], strides: Sequence[int],
-                   out_hw: Sequence[int]):
+def _window_slices(
+  xp: jax.Array, window: Sequence[int], strides: Sequence[int], out_hw: Sequence[int]
+):
   """Yields ((i, j), slice) for every kernel offset: xp[:, i::sh, j::sw][:, :Ho, :Wo]."""
   (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
   b, _, _, c = xp.shape
@@ -134,8 +143,13 @@ def _window_slices(xp: jax.Array, window: Sequence[int], strides: Sequence[int],
       yield (i, j), lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
 
 
-def _depthwise_shifted(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
-                       pads: Sequence[tuple[int, int]], preferred_element_type: Any) -> jax.Array:
+def _depthwise_shifted(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  strides: Sequence[int],
+  pads: Sequence[tuple[int, int]],
+  preferred_element_type: Any,
+) -> jax.Array:
   """Depthwise conv (rhs (kh, kw, 1, C)) as a sum over kernel offsets of shifted slices x row.
 
   Elementwise ops that XLA:CPU fuses into one loop over the output, with a backward made of
@@ -170,8 +184,11 @@ def _merged_groups(rhs: jax.Array, groups: int) -> tuple[jax.Array, int]:
   derivatives are those of the original grouped conv.
   """
   kh, kw, group_in, out_channels = rhs.shape
-  k = max(n for n in range(1, groups + 1)
-          if groups % n == 0 and n * group_in <= max(_MIN_BLOCK_CHANNELS, group_in))
+  k = max(
+    n
+    for n in range(1, groups + 1)
+    if groups % n == 0 and n * group_in <= max(_MIN_BLOCK_CHANNELS, group_in)
+  )
   if k == 1:
     return rhs, groups
   d = out_channels // groups
@@ -180,9 +197,15 @@ def _merged_groups(rhs: jax.Array, groups: int) -> tuple[jax.Array, int]:
   return block_diagonal.reshape(kh, kw, k * group_in, out_channels), groups // k
 
 
-def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
-                  pads: Sequence[tuple[int, int]], groups: int, precision: Any,
-                  preferred_element_type: Any) -> jax.Array:
+def _grouped_taps(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  strides: Sequence[int],
+  pads: Sequence[tuple[int, int]],
+  groups: int,
+  precision: Any,
+  preferred_element_type: Any,
+) -> jax.Array:
   """Grouped conv (rhs (kh, kw, C / groups, C_out)) as a sum over kernel offsets of one
   group-batched matrix product each: [groups, pixels, C / groups] x [groups, C / groups, d].
 
@@ -202,17 +225,26 @@ def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   acc = jnp.promote_types(lhs.dtype, jnp.float32)
   out = None  # [groups, b, ho, wo, d]: dot_general puts the batch (group) dimension first
   for (i, j), window in _window_slices(xp, (kh, kw), strides, (ho, wo)):
-    term = lax.dot_general(window.reshape(b, ho, wo, groups, group_in), kernel[i, j],
-                           (((4,), (0,)), ((3,), (1,))), precision=precision,
-                           preferred_element_type=acc)
+    term = lax.dot_general(
+      window.reshape(b, ho, wo, groups, group_in),
+      kernel[i, j],
+      (((4,), (0,)), ((3,), (1,))),
+      precision=precision,
+      preferred_element_type=acc,
+    )
     out = term if out is None else out + term
   out = jnp.moveaxis(out, 0, 3).reshape(b, ho, wo, out_channels)
   return out.astype(preferred_element_type or lhs.dtype)
 
 
-def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
-                   pads: Sequence[tuple[int, int]], precision: Any,
-                   preferred_element_type: Any) -> jax.Array:
+def _pointwise_dot(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  strides: Sequence[int],
+  pads: Sequence[tuple[int, int]],
+  precision: Any,
+  preferred_element_type: Any,
+) -> jax.Array:
   """1x1 conv as a matrix product over channels (on the strided, padded input when needed).
 
   XLA:CPU computes the weight gradient of a 1x1 convolution about 2x slower than the same
@@ -221,9 +253,14 @@ def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   if any(p != (0, 0) for p in pads):
     lhs = _pad_nhwc(lhs, 0, pads)
   if tuple(strides) != (1, 1):
-    lhs = lhs[:, ::strides[0], ::strides[1], :]
-  return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=preferred_element_type)
+    lhs = lhs[:, :: strides[0], :: strides[1], :]
+  return lax.dot_general(
+    lhs,
+    rhs[0, 0],
+    (((3,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +287,9 @@ def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
 CONV_KINDS = ("depthwise", "grouped", "pointwise")
 CONV_FORMS = ("native", "rewritten")
 CONV_FORMULATIONS: dict[str, dict[str, str]] = {
-    "depthwise": {"cpu": "rewritten", "cuda": "native"},
-    "grouped": {"cpu": "rewritten", "cuda": "native"},
-    "pointwise": {"cpu": "rewritten", "cuda": "native"},
+  "depthwise": {"cpu": "rewritten", "cuda": "native"},
+  "grouped": {"cpu": "rewritten", "cuda": "native"},
+  "pointwise": {"cpu": "rewritten", "cuda": "native"},
 }
 
 _forced_formulations: dict[str, str] = {}  # set by `conv_formulation` only
@@ -283,9 +320,10 @@ def parse_conv_formulation(spec: str) -> dict[str, str]:
     kind, sep, form = (part.strip() for part in item.partition("="))
     if not sep or kind not in CONV_KINDS or form not in (*CONV_FORMS, "auto"):
       raise ValueError(
-          f"conv formulation {spec!r}: {item!r} is not KIND=FORM; valid: 'auto', 'native', "
-          f"'rewritten', or comma-separated KIND=FORM with KIND in {list(CONV_KINDS)} and FORM "
-          f"in {[*CONV_FORMS, 'auto']}")
+        f"conv formulation {spec!r}: {item!r} is not KIND=FORM; valid: 'auto', 'native', "
+        f"'rewritten', or comma-separated KIND=FORM with KIND in {list(CONV_KINDS)} and FORM "
+        f"in {[*CONV_FORMS, 'auto']}"
+      )
     if form != "auto":
       forced[kind] = form
   return forced
@@ -311,29 +349,42 @@ def conv_formulation(spec: str = "auto") -> Iterator[None]:
     _forced_formulations.update(previous)
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding: str | Sequence[tuple[int, int]],
-                         lhs_dilation: Sequence[int] | None = None,
-                         rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers: Any = None, feature_group_count: int = 1,
-                         batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jax.Array:
+def conv_general_dilated(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> jax.Array:
   """Drop-in `lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, fast on CPU.
 
   On CPU, a depthwise convolution (feature_group_count == channels, one kernel per channel) is
   computed as shifted multiply-adds, a grouped one (1 < feature_group_count < channels) as
   group-batched matrix products per kernel offset (narrow groups merged first), and a 1x1
-  convolution as a dot_general; all compute the same function (up to float rounding order). Every other convolution is the native
-  one. Which platforms get the rewrite is the table `CONV_FORMULATIONS` (today: CPU only, so GPU
+  convolution as a dot_general; all compute the same function (up to float rounding order).
+  Every other convolution is the native one. Which platforms get the rewrite is the table `CONV_FORMULATIONS` (today: CPU only, so GPU
   and TPU programs keep the native convolutions), applied by `lax.platform_dependent`, which
   lowers only the branch of the platform being compiled for; `conv_formulation` overrides it for
   measurements.
   """
   native = functools.partial(
-      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
   undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
   if not (undilated and batch_group_count == 1 and _is_nhwc(lhs, rhs, dimension_numbers)):
     return native(lhs, rhs)
@@ -341,23 +392,35 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   strides = tuple(window_strides)
   pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
   if feature_group_count == channels > 1 and rhs.shape[2:] == (1, channels):
-    cpu = functools.partial(_depthwise_shifted, strides=strides, pads=pads,
-                            preferred_element_type=preferred_element_type)
+    cpu = functools.partial(
+      _depthwise_shifted, strides=strides, pads=pads, preferred_element_type=preferred_element_type
+    )
   elif feature_group_count == 1 and rhs.shape[:2] == (1, 1):
-    cpu = functools.partial(_pointwise_dot, strides=strides, pads=pads, precision=precision,
-                            preferred_element_type=preferred_element_type)
+    cpu = functools.partial(
+      _pointwise_dot,
+      strides=strides,
+      pads=pads,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
   elif 1 < feature_group_count < channels and rhs.shape[2] * feature_group_count == channels:
-    cpu = functools.partial(_grouped_taps, strides=strides, pads=pads,
-                            groups=feature_group_count, precision=precision,
-                            preferred_element_type=preferred_element_type)
+    cpu = functools.partial(
+      _grouped_taps,
+      strides=strides,
+      pads=pads,
+      groups=feature_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
   else:
     return native(lhs, rhs)
   kind = _conv_kind(feature_group_count, channels, rhs)
   forced = _forced_formulations.get(kind)
   if forced is not None:  # `conv_formulation(...)`: the same form on every platform
     return (cpu if forced == "rewritten" else native)(lhs, rhs)
-  rewritten_on = {platform: cpu for platform, form in CONV_FORMULATIONS[kind].items()
-                  if form == "rewritten"}
+  rewritten_on = {
+    platform: cpu for platform, form in CONV_FORMULATIONS[kind].items() if form == "rewritten"
+  }
   if not rewritten_on:
     return native(lhs, rhs)
   return lax.platform_dependent(lhs, rhs, **rewritten_on, default=native)
@@ -385,6 +448,7 @@ class SeparableConv(nn.Module):
   Parameters: `spatial/kernel` of shape (k, k, channels / segments, channels) and
   `pointwise/kernel` of shape (1, 1, in, features).
   """
+
   features: int
   segments: int | str = "depthwise"
   order: str = "depthwise_first"
@@ -397,17 +461,28 @@ class SeparableConv(nn.Module):
     if self.order not in ORDERS:
       raise ValueError(f"{self.name}: unknown order {self.order!r}; valid: {list(ORDERS)}")
     if self.mid_activation not in ACTIVATIONS:
-      raise ValueError(f"{self.name}: unknown mid_activation {self.mid_activation!r}; "
-                       f"valid: {list(ACTIVATIONS)}")
+      raise ValueError(
+        f"{self.name}: unknown mid_activation {self.mid_activation!r}; valid: {list(ACTIVATIONS)}"
+      )
     depthwise_first = self.order == "depthwise_first"
     spatial_channels = x.shape[-1] if depthwise_first else self.features
     segments = spatial_channels if self.segments == "depthwise" else self.segments
     check_segments(segments, spatial_channels, self.name or "SeparableConv")
 
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init,
-                             conv_general_dilated=conv_general_dilated)
-    spatial = conv(spatial_channels, (self.kernel_size, self.kernel_size), padding="SAME",
-                   feature_group_count=segments, name="spatial")
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=kernel_init,
+      conv_general_dilated=conv_general_dilated,
+    )
+    spatial = conv(
+      spatial_channels,
+      (self.kernel_size, self.kernel_size),
+      padding="SAME",
+      feature_group_count=segments,
+      name="spatial",
+    )
     pointwise = conv(self.features, (1, 1), padding="VALID", name="pointwise")
     activation = ACTIVATIONS[self.mid_activation]
 

@@ -4,6 +4,7 @@ Xception's slots (`xception_arch`) and Inception V3's convs (`inception_v3`) bot
 reference widths with `width_multiplier`; one rounding rule keeps narrow variants comparable and
 their channel counts friendly to the hardware (multiples of 8).
 """
+
 from __future__ import annotations
 
 WIDTH_QUANTUM = 8  # widths from a multiplier (or Xception's budget solver) are multiples of 8

@@ -14,14 +14,16 @@ segment count of every separable layer. Invalid settings (a segment count that d
 layer's channels, an unknown order, ...) raise ValueError when the module is constructed, naming
 the layer, its channel count and the valid choices.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import functools
 from typing import Any
 
-import flax.linen as nn
 from flax.core import FrozenDict
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -41,16 +43,25 @@ def _freeze(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=256, typed=True)
-def _resolve(arch: xception_arch.XceptionArchitecture,
-             budget: Any) -> xception_arch.XceptionArchitecture:
+def _resolve(
+  arch: xception_arch.XceptionArchitecture, budget: Any
+) -> xception_arch.XceptionArchitecture:
   return arch.validated() if budget is None else budget_lib.fit_budget(arch, budget)
 
 
-def resolve_architecture(*, segments: Any = None, group_width: Any = None,
-                         order: str = "depthwise_first", width_multiplier: float = 1.0,
-                         num_middle_blocks: int = 8, widths: Any = None, budget: Any = None,
-                         num_classes: int | None = 1000, fc_layers: Sequence[int] = (),
-                         residual: bool = True) -> xception_arch.XceptionArchitecture:
+def resolve_architecture(
+  *,
+  segments: Any = None,
+  group_width: Any = None,
+  order: str = "depthwise_first",
+  width_multiplier: float = 1.0,
+  num_middle_blocks: int = 8,
+  widths: Any = None,
+  budget: Any = None,
+  num_classes: int | None = 1000,
+  fc_layers: Sequence[int] = (),
+  residual: bool = True,
+) -> xception_arch.XceptionArchitecture:
   """Validates the shape-determining settings and resolves widths and per-layer segment counts.
 
   Raises ValueError naming the offending setting or layer. The settings are checked on every call
@@ -60,9 +71,16 @@ def resolve_architecture(*, segments: Any = None, group_width: Any = None,
   residual=True) from being let through by the cache.
   """
   arch = xception_arch.validate_settings(
-      segments=segments, group_width=group_width, order=order, width_multiplier=width_multiplier,
-      num_middle_blocks=num_middle_blocks, widths=widths, num_classes=num_classes,
-      fc_layers=fc_layers, residual=residual)
+    segments=segments,
+    group_width=group_width,
+    order=order,
+    width_multiplier=width_multiplier,
+    num_middle_blocks=num_middle_blocks,
+    widths=widths,
+    num_classes=num_classes,
+    fc_layers=fc_layers,
+    residual=residual,
+  )
   return _resolve(arch, budget)
 
 
@@ -97,6 +115,7 @@ class Xception(nn.Module):
     dtype: compute dtype ("float32" | "bfloat16" or a jnp dtype). Parameters and batch
       statistics stay float32, logits (or the headless feature map) are returned as float32.
   """
+
   num_classes: int | None = 1000
   segments: Any = None
   group_width: Any = None
@@ -121,10 +140,14 @@ class Xception(nn.Module):
     # Validate everything before any tracing: construction fails, not compilation.
     self.architecture()
     if self.mid_activation not in layers.ACTIVATIONS:
-      raise ValueError(f"Unknown mid_activation {self.mid_activation!r}; "
-                       f"valid: {list(layers.ACTIVATIONS)}")
-    if isinstance(self.dropout_rate, bool) or not isinstance(self.dropout_rate, (int, float)) or (
-        not 0.0 <= self.dropout_rate < 1.0):
+      raise ValueError(
+        f"Unknown mid_activation {self.mid_activation!r}; valid: {list(layers.ACTIVATIONS)}"
+      )
+    if (
+      isinstance(self.dropout_rate, bool)
+      or not isinstance(self.dropout_rate, (int, float))
+      or (not 0.0 <= self.dropout_rate < 1.0)
+    ):
       raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
     layers.canonical_dtype(self.dtype)
     super().__post_init__()
@@ -133,10 +156,17 @@ class Xception(nn.Module):
   def architecture(self) -> xception_arch.XceptionArchitecture:
     """The resolved widths and per-layer segment counts of this configuration."""
     return resolve_architecture(
-        segments=self.segments, group_width=self.group_width, order=self.order,
-        width_multiplier=self.width_multiplier, num_middle_blocks=self.num_middle_blocks,
-        widths=self.widths, budget=self.budget, num_classes=self.num_classes,
-        fc_layers=self.fc_layers, residual=self.residual)
+      segments=self.segments,
+      group_width=self.group_width,
+      order=self.order,
+      width_multiplier=self.width_multiplier,
+      num_middle_blocks=self.num_middle_blocks,
+      widths=self.widths,
+      budget=self.budget,
+      num_classes=self.num_classes,
+      fc_layers=self.fc_layers,
+      residual=self.residual,
+    )
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -147,22 +177,32 @@ class Xception(nn.Module):
       train: batch statistics from the batch (and updated) and dropout on, when True.
     """
     if images.ndim != 4:
-      raise ValueError(f"Xception expects images of shape [batch, height, width, channels], "
-                       f"got shape {images.shape}")
+      raise ValueError(
+        f"Xception expects images of shape [batch, height, width, channels], "
+        f"got shape {images.shape}"
+      )
     size = xception_arch.MIN_IMAGE_SIZE
     if min(images.shape[1:3]) < size:
-      raise ValueError(f"Xception needs images of at least {size}x{size} pixels, got "
-                       f"{images.shape[1]}x{images.shape[2]} (images shape {images.shape})")
+      raise ValueError(
+        f"Xception needs images of at least {size}x{size} pixels, got "
+        f"{images.shape[1]}x{images.shape[2]} (images shape {images.shape})"
+      )
     arch = self.architecture()
     dtype = layers.canonical_dtype(self.dtype)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=layers.kernel_init)
-    batch_norm = functools.partial(layers.BatchNorm, dtype=dtype,
-                                   use_running_average=not train or self.frozen_batch_norm)
+    batch_norm = functools.partial(
+      layers.BatchNorm, dtype=dtype, use_running_average=not train or self.frozen_batch_norm
+    )
 
     x = jnp.asarray(images, dtype)
     for stem in xception_arch.STEM:
-      x = conv(arch.width(stem.out_slot), (3, 3), strides=(stem.stride, stem.stride),
-               padding="VALID", name=stem.name)(x)
+      x = conv(
+        arch.width(stem.out_slot),
+        (3, 3),
+        strides=(stem.stride, stem.stride),
+        padding="VALID",
+        name=stem.name,
+      )(x)
       x = nn.relu(batch_norm(name=xception_arch.bn_name(stem.name))(x))
 
     for block in xception_arch.blocks(arch.num_middle_blocks):
@@ -170,16 +210,26 @@ class Xception(nn.Module):
       residual = x if shortcut == "identity" else None
       if shortcut == "conv":
         # layers.conv_general_dilated: a strided matrix product on CPU, the native conv elsewhere.
-        residual = conv(arch.width(block.out_slot), (1, 1), strides=(2, 2), padding="SAME",
-                        name=block.shortcut_name,
-                        conv_general_dilated=layers.conv_general_dilated)(x)
+        residual = conv(
+          arch.width(block.out_slot),
+          (1, 1),
+          strides=(2, 2),
+          padding="SAME",
+          name=block.shortcut_name,
+          conv_general_dilated=layers.conv_general_dilated,
+        )(x)
         residual = batch_norm(name=xception_arch.bn_name(block.shortcut_name))(residual)
       for i, layer in enumerate(block.layers):
         if block.relu_before(i):
           x = nn.relu(x)
-        x = layers.SeparableConv(arch.width(layer.out_slot), segments=arch.segments(layer.name),
-                                 order=self.order, mid_activation=self.mid_activation,
-                                 dtype=dtype, name=layer.name)(x)
+        x = layers.SeparableConv(
+          arch.width(layer.out_slot),
+          segments=arch.segments(layer.name),
+          order=self.order,
+          mid_activation=self.mid_activation,
+          dtype=dtype,
+          name=layer.name,
+        )(x)
         x = batch_norm(name=xception_arch.bn_name(layer.name))(x)
         if block.relu_after_bn:
           x = nn.relu(x)
@@ -188,5 +238,11 @@ class Xception(nn.Module):
       if residual is not None:
         x = x + residual
 
-    return head.classifier_head(x, num_classes=arch.num_classes, fc_layers=arch.fc_layers,
-                                dropout_rate=self.dropout_rate, train=train, dtype=dtype)
+    return head.classifier_head(
+      x,
+      num_classes=arch.num_classes,
+      fc_layers=arch.fc_layers,
+      dropout_rate=self.dropout_rate,
+      train=train,
+      dtype=dtype,
+    )

@@ -17,9 +17,11 @@ weights map onto them; Keras's auto-named 1x1 shortcut convs are called `block{i
 `block{i}_shortcut_bn` here. Exit blocks keep their Keras numbers (13, 14) with 8 middle blocks
 and are renumbered consecutively otherwise.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import functools
 import math
@@ -41,6 +43,7 @@ MIN_IMAGE_SIZE = 71  # Keras's minimum: the smallest input whose exit flow is st
 @dataclasses.dataclass(frozen=True)
 class StemConv:
   """A regular 3x3 VALID conv of the stem, followed by batch norm and ReLU."""
+
   name: str  # e.g. "block1_conv1"
   out_slot: str
   stride: int
@@ -52,6 +55,7 @@ STEM = (StemConv("block1_conv1", "stem1", stride=2), StemConv("block1_conv2", "s
 @dataclasses.dataclass(frozen=True)
 class SeparableLayer:
   """One separable layer (followed by batch norm), in terms of width slots."""
+
   name: str  # e.g. "block5_sepconv2"
   flow: str  # "entry" | "middle" | "exit"
   in_slot: str
@@ -77,6 +81,7 @@ class Block:
     relu_after_bn: the ReLU comes after each layer's batch norm instead of before each layer
       (the last exit block).
   """
+
   name: str
   flow: str
   layers: tuple[SeparableLayer, ...]
@@ -106,8 +111,10 @@ def bn_name(layer: str) -> str:
 def _block(number: int, flow: str, slots: Sequence[str], **kwargs: Any) -> Block:
   """Block `number` whose separable layers map slots[0] -> slots[1] -> ... -> slots[-1]."""
   name = f"block{number}"
-  chain = tuple(SeparableLayer(f"{name}_sepconv{i}", flow, a, b)
-                for i, (a, b) in enumerate(zip(slots, slots[1:]), start=1))
+  chain = tuple(
+    SeparableLayer(f"{name}_sepconv{i}", flow, a, b)
+    for i, (a, b) in enumerate(zip(slots, slots[1:]), start=1)
+  )
   return Block(name, flow, chain, **kwargs)
 
 
@@ -117,13 +124,14 @@ def blocks(num_middle_blocks: int) -> tuple[Block, ...]:
   two (13 and 14 with 8 middle blocks)."""
   n = num_middle_blocks
   return (
-      _block(2, "entry", ("stem2", "entry1", "entry1"), shortcut="conv", pool=True,
-             leading_relu=False),
-      _block(3, "entry", ("entry1", "entry2", "entry2"), shortcut="conv", pool=True),
-      _block(4, "entry", ("entry2", "middle", "middle"), shortcut="conv", pool=True),
-      *(_block(5 + i, "middle", ("middle",) * 4, shortcut="identity") for i in range(n)),
-      _block(5 + n, "exit", ("middle", "middle", "exit1"), shortcut="conv", pool=True),
-      _block(6 + n, "exit", ("exit1", "exit2", "exit3"), relu_after_bn=True),
+    _block(
+      2, "entry", ("stem2", "entry1", "entry1"), shortcut="conv", pool=True, leading_relu=False
+    ),
+    _block(3, "entry", ("entry1", "entry2", "entry2"), shortcut="conv", pool=True),
+    _block(4, "entry", ("entry2", "middle", "middle"), shortcut="conv", pool=True),
+    *(_block(5 + i, "middle", ("middle",) * 4, shortcut="identity") for i in range(n)),
+    _block(5 + n, "exit", ("middle", "middle", "exit1"), shortcut="conv", pool=True),
+    _block(6 + n, "exit", ("exit1", "exit2", "exit3"), relu_after_bn=True),
   )
 
 
@@ -156,8 +164,10 @@ def segment_rules(segments: Any = None, group_width: Any = None) -> dict[str, Se
   overrides arrive), "depthwise", or a dict of those per flow.
   """
   if segments is not None and group_width is not None:
-    raise ValueError("segments and group_width are two spellings of the same setting; give one "
-                     f"(got segments={segments!r}, group_width={group_width!r})")
+    raise ValueError(
+      "segments and group_width are two spellings of the same setting; give one "
+      f"(got segments={segments!r}, group_width={group_width!r})"
+    )
   kind, value = ("group_width", group_width) if group_width is not None else ("segments", segments)
   if isinstance(value, Mapping):
     unknown = sorted(set(value) - set(FLOWS))
@@ -187,8 +197,9 @@ def _describe_rule(rule: SegmentRule) -> str:
   return "'depthwise'" if rule[0] == "depthwise" else f"{rule[0]}={rule[1]}"
 
 
-def valid_uniform_segments(widths: Sequence[int], order: str = "depthwise_first",
-                           num_middle_blocks: int = 8) -> list[int]:
+def valid_uniform_segments(
+  widths: Sequence[int], order: str = "depthwise_first", num_middle_blocks: int = 8
+) -> list[int]:
   """Segment counts that divide the spatial conv of every separable layer at these widths."""
   by_slot = dict(zip(WIDTH_SLOTS, widths))
   channels = [by_slot[layer.spatial_slot(order)] for layer in separable_layers(num_middle_blocks)]
@@ -217,6 +228,7 @@ class XceptionArchitecture:
   raises ValueError where a rule does not divide a layer's channels: an architecture is valid once
   `validated()` has returned it, and the module only ever gets validated ones.
   """
+
   widths: tuple[int, ...]
   rules: tuple[tuple[str, SegmentRule], ...]
   num_middle_blocks: int
@@ -254,15 +266,19 @@ class XceptionArchitecture:
       errors = []
       for (rule, channels), names in failures.items():
         others = f" (and {len(names) - 1} more layers of {channels})" if len(names) > 1 else ""
-        errors.append(f"{_describe_rule(rule)} does not divide the {channels} channels of the "
-                      f"spatial conv of layer {names[0]}{others}; valid segment counts for "
-                      f"{channels} channels: {', '.join(map(str, layers.divisors(channels)))}")
+        errors.append(
+          f"{_describe_rule(rule)} does not divide the {channels} channels of the "
+          f"spatial conv of layer {names[0]}{others}; valid segment counts for "
+          f"{channels} channels: {', '.join(map(str, layers.divisors(channels)))}"
+        )
       uniform = valid_uniform_segments(self.widths, self.order, self.num_middle_blocks)
       raise ValueError(
-          "Invalid segment setting: " + "; ".join(errors) +
-          f". Segment counts valid for every layer at these widths: {uniform} or 'depthwise'; "
-          "a per-flow dict {'entry': .., 'middle': .., 'exit': ..} or budget='params' (widths "
-          "chosen to fit) are the alternatives.")
+        "Invalid segment setting: "
+        + "; ".join(errors)
+        + f". Segment counts valid for every layer at these widths: {uniform} or 'depthwise'; "
+        "a per-flow dict {'entry': .., 'middle': .., 'exit': ..} or budget='params' (widths "
+        "chosen to fit) are the alternatives."
+      )
     return tuple(resolved)
 
   def validated(self) -> XceptionArchitecture:
@@ -290,8 +306,11 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _base_widths(widths: Any, width_multiplier: Any) -> tuple[int, ...]:
   """The widths per slot from `widths` (tuple or dict of overrides) and `width_multiplier`."""
-  if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)) or (
-      width_multiplier <= 0):
+  if (
+    isinstance(width_multiplier, bool)
+    or not isinstance(width_multiplier, (int, float))
+    or (width_multiplier <= 0)
+  ):
     raise ValueError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
   if widths is not None:
     if isinstance(widths, Mapping):
@@ -300,17 +319,25 @@ def _base_widths(widths: Any, width_multiplier: Any) -> tuple[int, ...]:
         raise ValueError(f"widths has unknown slot(s) {unknown}; valid: {list(WIDTH_SLOTS)}")
       widths = tuple(widths.get(s, w) for s, w in zip(WIDTH_SLOTS, REFERENCE_WIDTHS))
     if len(widths) != len(WIDTH_SLOTS):
-      raise ValueError(f"widths needs {len(WIDTH_SLOTS)} ints for slots {list(WIDTH_SLOTS)}, "
-                       f"got {widths!r}")
+      raise ValueError(
+        f"widths needs {len(WIDTH_SLOTS)} ints for slots {list(WIDTH_SLOTS)}, got {widths!r}"
+      )
     widths = tuple(_check_int(f"widths[{s!r}]", w, 1) for s, w in zip(WIDTH_SLOTS, widths))
   return tuple(widths_lib.scaled_width(w, width_multiplier) for w in widths or REFERENCE_WIDTHS)
 
 
-def validate_settings(*, segments: Any = None, group_width: Any = None,
-                      order: str = "depthwise_first", width_multiplier: float = 1.0,
-                      num_middle_blocks: int = 8, widths: Any = None,
-                      num_classes: int | None = 1000, fc_layers: Sequence[int] = (),
-                      residual: bool = True) -> XceptionArchitecture:
+def validate_settings(
+  *,
+  segments: Any = None,
+  group_width: Any = None,
+  order: str = "depthwise_first",
+  width_multiplier: float = 1.0,
+  num_middle_blocks: int = 8,
+  widths: Any = None,
+  num_classes: int | None = 1000,
+  fc_layers: Sequence[int] = (),
+  residual: bool = True,
+) -> XceptionArchitecture:
   """Checks the shape-determining settings (all but the budget), naming the one at fault.
 
   Returns the architecture at the settings' widths. Whether its segment rules divide every layer
@@ -324,6 +351,12 @@ def validate_settings(*, segments: Any = None, group_width: Any = None,
   fc_layers = tuple(_check_int(f"fc_layers[{i}]", f, 1) for i, f in enumerate(fc_layers or ()))
   if not isinstance(residual, bool):
     raise ValueError(f"residual must be True or False, got {residual!r}")
-  return XceptionArchitecture(_base_widths(widths, width_multiplier), rules,
-                              num_middle_blocks=num_middle_blocks, order=order,
-                              residual=residual, num_classes=num_classes, fc_layers=fc_layers)
+  return XceptionArchitecture(
+    _base_widths(widths, width_multiplier),
+    rules,
+    num_middle_blocks=num_middle_blocks,
+    order=order,
+    residual=residual,
+    num_classes=num_classes,
+    fc_layers=fc_layers,
+  )

@@ -14,6 +14,7 @@ one description (`xception_arch.STEM` and `blocks`), as the module does; the tes
 the counted parameters of the built module and with XLA's cost analysis. Costs of registered models
 by name: `costs.model_cost`.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,17 @@ class _Walk:
     self.batch_stats = 0
     self.macs = {stage: 0 for stage in STAGES}
 
-  def conv(self, stage: str, features: int, kernel: int, stride: int = 1, padding: str = "SAME",
-           groups: int = 1, size=None, channels=None) -> tuple[tuple[int, int], int]:
+  def conv(
+    self,
+    stage: str,
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    padding: str = "SAME",
+    groups: int = 1,
+    size=None,
+    channels=None,
+  ) -> tuple[tuple[int, int], int]:
     """A bias-free conv followed by batch norm, from (size, channels) (default: the current)."""
     size = size or self.size
     channels = channels or self.channels
@@ -59,8 +69,7 @@ class _Walk:
     spatial = 9 * spatial_channels * spatial_channels // segments
     self.params += spatial + m * features + 2 * features
     self.batch_stats += 2 * features
-    self.macs[stage] += (self._positions(self.size, 3, 1, "SAME") * spatial // 9 +
-                         hw * m * features)
+    self.macs[stage] += self._positions(self.size, 3, 1, "SAME") * spatial // 9 + hw * m * features
     self.channels = features
 
   def dense(self, features: int) -> None:
@@ -82,17 +91,20 @@ def _taps_inside(n: int, kernel: int, stride: int, padding: str) -> int:
   """
   out = _output_size(n, kernel, stride, padding)
   before = max((out - 1) * stride + kernel - n, 0) // 2 if padding == "SAME" else 0
-  return sum(min(o * stride - before + kernel, n) - max(o * stride - before, 0)
-             for o in range(out))
+  return sum(min(o * stride - before + kernel, n) - max(o * stride - before, 0) for o in range(out))
 
 
-def xception_walk(arch: xception_arch.XceptionArchitecture,
-                  image_size: tuple[int, int] = (299, 299), exclude_padding: bool = False) -> _Walk:
+def xception_walk(
+  arch: xception_arch.XceptionArchitecture,
+  image_size: tuple[int, int] = (299, 299),
+  exclude_padding: bool = False,
+) -> _Walk:
   """Follows Xception's description layer by layer, accumulating its costs."""
   walk = _Walk(*image_size, channels=3, exclude_padding=exclude_padding)
   for conv in xception_arch.STEM:
-    walk.size, walk.channels = walk.conv("stem", arch.width(conv.out_slot), 3, stride=conv.stride,
-                                         padding="VALID")
+    walk.size, walk.channels = walk.conv(
+      "stem", arch.width(conv.out_slot), 3, stride=conv.stride, padding="VALID"
+    )
   for block in xception_arch.blocks(arch.num_middle_blocks):
     size, channels = walk.size, walk.channels
     for layer in block.layers:

@@ -50,20 +50,22 @@ xprof format; `bench/profile_summary.py DIR` lists the top kernels).
 No TensorFlow is imported on this path. It does import `configs` (the recipe) and therefore
 `ml_collections`, which `xception_jax.train` and `xception_jax.optim` import as well.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import datetime
 import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from configs import imagenet
@@ -94,6 +96,7 @@ NUM_INPUT_BATCHES = 3  # distinct device batches rotated through the timed steps
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSettings:
   """What to measure. `segments` is None (the model's default), an int or 'depthwise'."""
+
   model: str = "xception"
   mode: str = "train"
   batch: int = 32
@@ -128,24 +131,32 @@ class BenchmarkSettings:
       raise ValueError(f"--peak_tflops={self.peak_tflops} must be > 0 (TFLOP/s of one device)")
     if self.model not in models.list_models():
       raise ValueError(f"--model={self.model!r}; valid: {', '.join(models.list_models())}")
-    smallest = (inception_v3.MIN_IMAGE_SIZE if self.model.startswith("inception")
-                else xception_arch.MIN_IMAGE_SIZE)
+    smallest = (
+      inception_v3.MIN_IMAGE_SIZE
+      if self.model.startswith("inception")
+      else xception_arch.MIN_IMAGE_SIZE
+    )
     if self.image_size < smallest:
       raise ValueError(f"--image_size={self.image_size}: {self.model} needs >= {smallest}")
     try:  # segment counts that do not divide a layer's channels fail here, not after compiling
-      models.create(self.model, num_classes=self.num_classes,
-                    **({"segments": self.segments} if self.segments is not None else {}),
-                    **({"budget": self.budget} if self.budget else {}))
+      models.create(
+        self.model,
+        num_classes=self.num_classes,
+        **({"segments": self.segments} if self.segments is not None else {}),
+        **({"budget": self.budget} if self.budget else {}),
+      )
     except (ValueError, TypeError) as e:
       flag = "--segments" if self.segments is not None else "--budget"
-      raise ValueError(f"{flag}={self.segments if self.segments is not None else self.budget}: "
-                       f"{e}") from None
+      raise ValueError(
+        f"{flag}={self.segments if self.segments is not None else self.budget}: {e}"
+      ) from None
 
 
 def build_config(settings: BenchmarkSettings):
   """The paper's ImageNet recipe at the benchmark's batch, size, dtype and spectrum point."""
-  config = imagenet.recipe(settings.model,
-                           weight_decay=_WEIGHT_DECAY.get(settings.model, _DEFAULT_WEIGHT_DECAY))
+  config = imagenet.recipe(
+    settings.model, weight_decay=_WEIGHT_DECAY.get(settings.model, _DEFAULT_WEIGHT_DECAY)
+  )
   config.dataset = data.SYNTHETIC
   config.num_classes = settings.num_classes
   config.batch_size = settings.batch
@@ -187,14 +198,19 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   model = models.create_model(config, settings.num_classes)
   steps_per_epoch = synthetic.NUM_TRAIN_EXAMPLES / settings.batch
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, config.total_steps)
-  state, state_shardings = steps.create_train_state(model, tx, settings.image_size, mesh,
-                                                    config.seed)
+  state, state_shardings = steps.create_train_state(
+    model, tx, settings.image_size, mesh, config.seed
+  )
   num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
   data_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   keys = jax.random.split(jax.random.PRNGKey(1), NUM_INPUT_BATCHES)
-  batches = [synthetic.make_batch(k, settings.batch, settings.image_size, settings.num_classes,
-                                  sharding=data_sharding) for k in keys]
+  batches = [
+    synthetic.make_batch(
+      k, settings.batch, settings.image_size, settings.num_classes, sharding=data_sharding
+    )
+    for k in keys
+  ]
   jax.block_until_ready(batches)
 
   def infer(variables, images):
@@ -207,10 +223,17 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   if settings.mode == "train":
     # Exactly as train.train_and_evaluate compiles it.
     step_jit = steps.jit_train_step(
-        steps.make_train_step(config, model, tx, schedule,
-                              steps.make_loss_fn("softmax", settings.num_classes,
-                                                 config.label_smoothing), multi_label=False),
-        state_shardings, mesh)
+      steps.make_train_step(
+        config,
+        model,
+        tx,
+        schedule,
+        steps.make_loss_fn("softmax", settings.num_classes, config.label_smoothing),
+        multi_label=False,
+      ),
+      state_shardings,
+      mesh,
+    )
     lowered = step_jit.lower(state, batches[0])
   else:
     lowered = infer_jit.lower(variables, batches[0]["image"])
@@ -233,8 +256,11 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
   times, cpu_s = measurements.time_steps(run_one, settings.steps, settings.warmup)
   step_s = statistics.median(times)
-  profile_error = (measurements.profile(run_one, settings.warmup + settings.steps,
-                                        settings.profile_dir) if settings.profile_dir else None)
+  profile_error = (
+    measurements.profile(run_one, settings.warmup + settings.steps, settings.profile_dir)
+    if settings.profile_dir
+    else None
+  )
 
   passes = 3 if settings.mode == "train" else 1
   forward = _analytic_forward_flops(settings)
@@ -243,57 +269,65 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     model_flops = forward * settings.batch * passes
   else:
     flops_source = "xla_forward"
-    forward_lowered = (lowered if settings.mode == "infer" else
-                       infer_jit.lower(jax.tree.map(
-                           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                           {"params": holder["state"].ema_params,
-                            "batch_stats": holder["state"].ema_batch_stats}),
-                           batches[0]["image"]))
+    forward_lowered = (
+      lowered
+      if settings.mode == "infer"
+      else infer_jit.lower(
+        jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+          {"params": holder["state"].ema_params, "batch_stats": holder["state"].ema_batch_stats},
+        ),
+        batches[0]["image"],
+      )
+    )
     model_flops = (measurements.flops(forward_lowered.cost_analysis()) or float("nan")) * passes
   xla_flops = measurements.flops(lowered.cost_analysis())
 
   device = jax.devices()[0]
   num_devices = jax.device_count()
   tflops = model_flops / step_s / 1e12
-  per_device_peak = settings.peak_tflops or measurements.peak_tflops_for(device.device_kind,
-                                                                         settings.dtype)
+  per_device_peak = settings.peak_tflops or measurements.peak_tflops_for(
+    device.device_kind, settings.dtype
+  )
   peak = per_device_peak * num_devices if per_device_peak else None
   return {
-      "model": settings.model,
-      "segments": settings.segments,
-      "budget": settings.budget,
-      "mode": settings.mode,
-      "batch": settings.batch,
-      "image_size": settings.image_size,
-      "dtype": settings.dtype,
-      "steps": settings.steps,
-      "num_params": num_params,
-      "compile_s": compile_s,
-      "step_time_ms": step_s * 1e3,
-      "step_time_ms_min": min(times) * 1e3,
-      "step_time_ms_mean": statistics.fmean(times) * 1e3,
-      "step_time_ms_spread": (max(times) - min(times)) * 1e3,
-      "images_per_sec": settings.batch / step_s,
-      "process_cpu_ms_per_step": cpu_s * 1e3,
-      "flops_per_step": model_flops,
-      "flops_source": flops_source,
-      "xla_flops_per_step": xla_flops,
-      "tflops": tflops,
-      "peak_tflops": peak,
-      "mfu": tflops / peak if peak else None,
-      "peak_memory_bytes_device": measurements.device_peak_memory_bytes(),
-      "peak_memory_bytes_compiled": measurements.compiled_memory_bytes(compiled),
-      "conv_formulation": settings.conv_formulation,
-      "hlo_ops": measurements.count_ops(lowered),
-      "profile_dir": settings.profile_dir,
-      "profile_error": profile_error,
-      "platform": device.platform,
-      "device_kind": device.device_kind,
-      "num_devices": num_devices,
-      **{f"{name}_version": version for name, version in versions.library_versions(
-          ("jax", "flax", "optax", "python")).items()},
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "date": datetime.date.today().isoformat(),
+    "model": settings.model,
+    "segments": settings.segments,
+    "budget": settings.budget,
+    "mode": settings.mode,
+    "batch": settings.batch,
+    "image_size": settings.image_size,
+    "dtype": settings.dtype,
+    "steps": settings.steps,
+    "num_params": num_params,
+    "compile_s": compile_s,
+    "step_time_ms": step_s * 1e3,
+    "step_time_ms_min": min(times) * 1e3,
+    "step_time_ms_mean": statistics.fmean(times) * 1e3,
+    "step_time_ms_spread": (max(times) - min(times)) * 1e3,
+    "images_per_sec": settings.batch / step_s,
+    "process_cpu_ms_per_step": cpu_s * 1e3,
+    "flops_per_step": model_flops,
+    "flops_source": flops_source,
+    "xla_flops_per_step": xla_flops,
+    "tflops": tflops,
+    "peak_tflops": peak,
+    "mfu": tflops / peak if peak else None,
+    "peak_memory_bytes_device": measurements.device_peak_memory_bytes(),
+    "peak_memory_bytes_compiled": measurements.compiled_memory_bytes(compiled),
+    "conv_formulation": settings.conv_formulation,
+    "hlo_ops": measurements.count_ops(lowered),
+    "profile_dir": settings.profile_dir,
+    "profile_error": profile_error,
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "num_devices": num_devices,
+    **{
+      f"{name}_version": version
+      for name, version in versions.library_versions(("jax", "flax", "optax", "python")).items()
+    },
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "date": datetime.date.today().isoformat(),
   }
 
 
@@ -303,12 +337,19 @@ def format_report(r: dict[str, Any]) -> str:
   def gib(n):
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
-  point = r["model"] + (f" segments={r['segments']}" if r["segments"] is not None else "") + (
-      f" budget={r['budget']}" if r["budget"] else "")
-  mfu = "n/a (unknown peak for this device)" if r["mfu"] is None else (
-      f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s")
+  point = (
+    r["model"]
+    + (f" segments={r['segments']}" if r["segments"] is not None else "")
+    + (f" budget={r['budget']}" if r["budget"] else "")
+  )
+  mfu = (
+    "n/a (unknown peak for this device)"
+    if r["mfu"] is None
+    else (f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s")
+  )
   xla = "n/a" if r["xla_flops_per_step"] is None else f"{r['xla_flops_per_step'] / 1e12:.3f}"
-  return "\n".join([
+  return "\n".join(
+    [
       f"{point}: {r['mode']}, batch {r['batch']} x {r['image_size']}^2, {r['dtype']}, "
       f"{r['num_params']:,} params",
       f"device      {r['num_devices']} x {r['device_kind']} ({r['platform']}), jax "
@@ -322,39 +363,69 @@ def format_report(r: dict[str, Any]) -> str:
       f"memory      device peak {gib(r['peak_memory_bytes_device'])}, compiled estimate "
       f"{gib(r['peak_memory_bytes_compiled'])}",
       f"convs       --conv_formulation={r['conv_formulation']}: "
-      + ", ".join(f"{n} {op}" for op, n in r["hlo_ops"].items()) + " ops in the program",
-  ] + ([f"profile     {r['profile_dir']}" + (f" failed: {r['profile_error']}"
-                                              if r["profile_error"] else "")]
-       if r["profile_dir"] else []))
+      + ", ".join(f"{n} {op}" for op, n in r["hlo_ops"].items())
+      + " ops in the program",
+    ]
+    + (
+      [
+        f"profile     {r['profile_dir']}"
+        + (f" failed: {r['profile_error']}" if r["profile_error"] else "")
+      ]
+      if r["profile_dir"]
+      else []
+    )
+  )
 
 
 PROG = "python -m xception_jax.tools.benchmark"
 _DEFAULTS = BenchmarkSettings()
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", _DEFAULTS.model, "Registry name (xception, inception_v3, ...).",
-                    flag_values=FLAGS)
-flags.DEFINE_enum("mode", _DEFAULTS.mode, MODES, "The training step or inference.",
-                  flag_values=FLAGS)
+flags.DEFINE_string(
+  "model", _DEFAULTS.model, "Registry name (xception, inception_v3, ...).", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "mode", _DEFAULTS.mode, MODES, "The training step or inference.", flag_values=FLAGS
+)
 flags.DEFINE_integer("batch", _DEFAULTS.batch, "Global batch size.", flag_values=FLAGS)
-flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Input height and width.",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+  "image_size", _DEFAULTS.image_size, "Input height and width.", flag_values=FLAGS
+)
 flags.DEFINE_integer("steps", _DEFAULTS.steps, "Timed steps.", flag_values=FLAGS)
-flags.DEFINE_integer("warmup", _DEFAULTS.warmup, "Untimed steps after compiling.",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+  "warmup", _DEFAULTS.warmup, "Untimed steps after compiling.", flag_values=FLAGS
+)
 flags.DEFINE_enum("dtype", _DEFAULTS.dtype, DTYPES, "Compute dtype.", flag_values=FLAGS)
-flags.DEFINE_string("segments", None, "Channel segments of every separable conv (int or "
-                    "'depthwise').", flag_values=FLAGS)
-flags.DEFINE_enum("budget", None, ["params"], "'params': widths re-solved to Xception's "
-                  "parameter count.", flag_values=FLAGS)
-flags.DEFINE_integer("num_classes", _DEFAULTS.num_classes, "Classifier outputs.",
-                     flag_values=FLAGS)
-flags.DEFINE_float("peak_tflops", None, "Per-device peak for MFU, overriding the built-in table.",
-                   flag_values=FLAGS)
-flags.DEFINE_string("conv_formulation", _DEFAULTS.conv_formulation, "auto (the platform table "
-                    "in models/layers.py) | native | rewritten | KIND=FORM,... with KIND "
-                    "depthwise, grouped, pointwise.", flag_values=FLAGS)
-flags.DEFINE_string("profile_dir", None, f"Trace {measurements.PROFILE_STEPS} steps after the "
-                    "timed ones into this folder.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "segments",
+  None,
+  "Channel segments of every separable conv (int or 'depthwise').",
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+  "budget",
+  None,
+  ["params"],
+  "'params': widths re-solved to Xception's parameter count.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer("num_classes", _DEFAULTS.num_classes, "Classifier outputs.", flag_values=FLAGS)
+flags.DEFINE_float(
+  "peak_tflops", None, "Per-device peak for MFU, overriding the built-in table.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "conv_formulation",
+  _DEFAULTS.conv_formulation,
+  "auto (the platform table "
+  "in models/layers.py) | native | rewritten | KIND=FORM,... with KIND "
+  "depthwise, grouped, pointwise.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "profile_dir",
+  None,
+  f"Trace {measurements.PROFILE_STEPS} steps after the timed ones into this folder.",
+  flag_values=FLAGS,
+)
 flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", flag_values=FLAGS)
 
 
@@ -368,11 +439,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, bool]:
   except ValueError as e:
     cli.usage_error(PROG, f"--segments: {e}")
   if isinstance(segments, dict):
-    cli.usage_error(PROG, f"--segments={FLAGS.segments}: per-flow settings are not benchmarked; "
-                    "give one int or 'depthwise'.")
-  settings = BenchmarkSettings(**{field.name: FLAGS[field.name].value
-                                  for field in dataclasses.fields(BenchmarkSettings)
-                                  if field.name != "segments"}, segments=segments)
+    cli.usage_error(
+      PROG,
+      f"--segments={FLAGS.segments}: per-flow settings are not benchmarked; "
+      "give one int or 'depthwise'.",
+    )
+  settings = BenchmarkSettings(
+    **{
+      field.name: FLAGS[field.name].value
+      for field in dataclasses.fields(BenchmarkSettings)
+      if field.name != "segments"
+    },
+    segments=segments,
+  )
   try:
     settings.validate()
   except ValueError as e:

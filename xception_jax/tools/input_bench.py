@@ -16,13 +16,15 @@ the CPU cores this process may run on), images_per_cpu_sec (images per second of
 by this process, all threads: the figure to compare on a machine shared with other jobs),
 cores, batches, batch_size, image_size, dataset, baseline, seconds, cpu_seconds.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Sequence
 import json
 import os
 import resource
 import time
-from typing import Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -32,12 +34,17 @@ from xception_jax import config_check
 from xception_jax import data
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+)
 flags.DEFINE_integer("batches", 50, "Batches to time (after the warm-up).")
 flags.DEFINE_integer("warmup_batches", 5, "Batches run before timing (fills buffers, autotune).")
-flags.DEFINE_enum("baseline", "none", ["none", "decode"],
-                  "'decode': time a plain full decode of the same records instead.")
+flags.DEFINE_enum(
+  "baseline",
+  "none",
+  ["none", "decode"],
+  "'decode': time a plain full decode of the same records instead.",
+)
 flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
 
@@ -52,6 +59,7 @@ def cpu_cores() -> int:
 def _decode_baseline_iterator(config, info) -> Iterator:
   """Full decode of this process's shuffled train records, batched like the real pipeline."""
   import tensorflow as tf
+
   from xception_jax.data import pipeline
   from xception_jax.data import sharding
 
@@ -66,8 +74,9 @@ def _decode_baseline_iterator(config, info) -> Iterator:
     return tf.shape(image)[0]  # keep only a scalar so batching cost does not depend on size
 
   parallel = int(config.input.num_parallel_calls)
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE if parallel == -1 else parallel,
-              deterministic=True)
+  ds = ds.map(
+    decode, num_parallel_calls=tf.data.AUTOTUNE if parallel == -1 else parallel, deterministic=True
+  )
   return iter(ds.batch(batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
 
 
@@ -93,11 +102,19 @@ def measure(config, batches: int, warmup_batches: int, baseline: str = "none") -
   cores = cpu_cores()
   images = batches * process_batch
   images_per_sec = images / seconds
-  return dict(images_per_sec=images_per_sec, images_per_sec_per_core=images_per_sec / cores,
-              images_per_cpu_sec=images / cpu_seconds if cpu_seconds > 0 else None,
-              cores=cores, batches=batches, batch_size=process_batch,
-              image_size=int(config.image_size), dataset=config.dataset, baseline=baseline,
-              seconds=seconds, cpu_seconds=cpu_seconds)
+  return dict(
+    images_per_sec=images_per_sec,
+    images_per_sec_per_core=images_per_sec / cores,
+    images_per_cpu_sec=images / cpu_seconds if cpu_seconds > 0 else None,
+    cores=cores,
+    batches=batches,
+    batch_size=process_batch,
+    image_size=int(config.image_size),
+    dataset=config.dataset,
+    baseline=baseline,
+    seconds=seconds,
+    cpu_seconds=cpu_seconds,
+  )
 
 
 def _cpu_seconds() -> float:
@@ -108,7 +125,7 @@ def _cpu_seconds() -> float:
 
 
 def _block(batch) -> None:
-  for value in (batch.values() if isinstance(batch, dict) else [batch]):
+  for value in batch.values() if isinstance(batch, dict) else [batch]:
     if hasattr(value, "block_until_ready"):
       value.block_until_ready()
 
@@ -124,11 +141,13 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.json:
     print(json.dumps(result))
   else:
-    print(f"{result['dataset']} at {result['image_size']}px, batch {result['batch_size']}"
-          f"{' (plain full decode baseline)' if result['baseline'] != 'none' else ''}: "
-          f"{result['images_per_sec']:.1f} images/s, "
-          f"{result['images_per_sec_per_core']:.1f} images/s per core ({result['cores']} cores), "
-          f"{result['images_per_cpu_sec'] or float('nan'):.1f} images per CPU-second")
+    print(
+      f"{result['dataset']} at {result['image_size']}px, batch {result['batch_size']}"
+      f"{' (plain full decode baseline)' if result['baseline'] != 'none' else ''}: "
+      f"{result['images_per_sec']:.1f} images/s, "
+      f"{result['images_per_sec_per_core']:.1f} images/s per core ({result['cores']} cores), "
+      f"{result['images_per_cpu_sec'] or float('nan'):.1f} images per CPU-second"
+    )
 
 
 if __name__ == "__main__":

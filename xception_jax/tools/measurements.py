@@ -4,10 +4,12 @@ Nothing here knows the model or the step: `tools/benchmark.py` decides what to r
 measure it, so that a number in BENCHMARKS.md has one definition (how a step is timed, which
 memory figure is reported, which peak an MFU is relative to) whatever produced it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -28,17 +30,17 @@ PROFILE_STEPS = 5  # steps traced after the timed ones when --profile_dir is giv
 #   TPU v4 275, v5e ('TPU v5 lite') 197, v5p ('TPU v5') 459, v6e ('TPU v6 lite') 918 bf16 per chip:
 #     Google Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
 PEAK_TFLOPS: tuple[tuple[str, float, float | None], ...] = (
-    ("h100 pcie", 756.0, 378.0),
-    ("h100", 989.4, 494.7),
-    ("h200", 989.4, 494.7),
-    ("a100", 312.0, 156.0),
-    ("tpu v4", 275.0, None),
-    ("tpu v5 lite", 197.0, None),
-    ("tpu v5e", 197.0, None),
-    ("tpu v5p", 459.0, None),
-    ("tpu v5", 459.0, None),
-    ("tpu v6 lite", 918.0, None),
-    ("tpu v6e", 918.0, None),
+  ("h100 pcie", 756.0, 378.0),
+  ("h100", 989.4, 494.7),
+  ("h200", 989.4, 494.7),
+  ("a100", 312.0, 156.0),
+  ("tpu v4", 275.0, None),
+  ("tpu v5 lite", 197.0, None),
+  ("tpu v5e", 197.0, None),
+  ("tpu v5p", 459.0, None),
+  ("tpu v5", 459.0, None),
+  ("tpu v6 lite", 918.0, None),
+  ("tpu v6e", 918.0, None),
 )
 
 
@@ -68,8 +70,12 @@ def compiled_memory_bytes(compiled) -> int | None:
     return None
   if stats is None:
     return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return int(
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
 
 
 def device_peak_memory_bytes() -> int | None:
@@ -85,8 +91,7 @@ def device_peak_memory_bytes() -> int | None:
   return max(peaks) if peaks else None
 
 
-def time_steps(run_one: Callable[[int], Any], steps: int,
-                warmup: int) -> tuple[list[float], float]:
+def time_steps(run_one: Callable[[int], Any], steps: int, warmup: int) -> tuple[list[float], float]:
   """Wall seconds per step, each synchronised, after `warmup` untimed steps; and the process's
   CPU seconds per step over the timed steps (all threads; on a shared CPU it moves less with
   other people's load than wall time does)."""

@@ -15,12 +15,13 @@ layer's spatial channels, plus "depthwise"); with `--budget` the widths are re-c
 the budget solver, so the candidates are powers of two up to 64 plus "depthwise" (or the list in
 `--sweep_candidates`) and rows the solver cannot fit within +-1% are reported and skipped.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
@@ -34,7 +35,7 @@ BUDGET_SWEEP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, "depthwise")
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-  """"299" -> (299, 299); "320x240" -> (320, 240) as (height, width)."""
+  """ "299" -> (299, 299); "320x240" -> (320, 240) as (height, width)."""
   parts = text.lower().split("x")
   if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
     raise ValueError(f"--image_size={text!r}: expected an int or HEIGHTxWIDTH")
@@ -52,8 +53,14 @@ def parse_budget(text: str | None) -> Any:
   raise ValueError(f"--budget={text!r}: expected 'params' or a parameter count")
 
 
-def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 299, *,
-                   budget: Any = None, candidates=None, **kwargs: Any) -> list[dict[str, Any]]:
+def sweep_segments(
+  name: str = "xception",
+  image_size: int | tuple[int, int] = 299,
+  *,
+  budget: Any = None,
+  candidates=None,
+  **kwargs: Any,
+) -> list[dict[str, Any]]:
   """One row per uniform segment count: its costs, widths and (with a budget) the achieved ratio.
 
   Args:
@@ -75,8 +82,10 @@ def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 2
   if candidates is None:
     if budget is None:
       arch = costs.model_cost(name, image_size, **kwargs).architecture
-      candidates = [*xception_arch.valid_uniform_segments(arch.widths, arch.order,
-                                                           arch.num_middle_blocks), "depthwise"]
+      candidates = [
+        *xception_arch.valid_uniform_segments(arch.widths, arch.order, arch.num_middle_blocks),
+        "depthwise",
+      ]
     else:
       candidates = BUDGET_SWEEP_CANDIDATES
   rows = []
@@ -89,7 +98,8 @@ def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 2
       print(f"segments={segments}: skipped, {e}", file=sys.stderr)
       continue
     arch = cost.architecture
-    rows.append(dict(
+    rows.append(
+      dict(
         segments=segments,
         params=cost.params,
         batch_stat_entries=cost.batch_stat_entries,
@@ -98,7 +108,8 @@ def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 2
         widths=arch.widths,
         budget_target=arch.budget_target,
         ratio=None if arch.budget_target is None else cost.params / arch.budget_target,
-    ))
+      )
+    )
   return rows
 
 
@@ -106,25 +117,32 @@ def format_cost(cost: costs.ModelCost, settings: dict[str, Any]) -> str:
   """The human-readable report of one configuration."""
   arch = cost.architecture
   lines = [
-      f"model               {cost.model}",
-      f"settings            {', '.join(f'{k}={v}' for k, v in settings.items()) or 'defaults'}",
-      f"image size          {cost.image_size[0]}x{cost.image_size[1]}",
-      f"parameters          {cost.params:,}",
-      f"batch-stat entries  {cost.batch_stat_entries:,}",
+    f"model               {cost.model}",
+    f"settings            {', '.join(f'{k}={v}' for k, v in settings.items()) or 'defaults'}",
+    f"image size          {cost.image_size[0]}x{cost.image_size[1]}",
+    f"parameters          {cost.params:,}",
+    f"batch-stat entries  {cost.batch_stat_entries:,}",
   ]
   if arch is not None:
-    lines.append("widths              " +
-                 " ".join(f"{k}={v}" for k, v in arch.widths_by_slot.items()))
+    lines.append(
+      "widths              " + " ".join(f"{k}={v}" for k, v in arch.widths_by_slot.items())
+    )
     segment_counts = sorted({g for _, g in arch.layer_segments})
-    lines.append(f"segment counts      {', '.join(map(str, segment_counts))} "
-                 f"(spatial convs of the {len(arch.layer_segments)} separable layers)")
+    lines.append(
+      f"segment counts      {', '.join(map(str, segment_counts))} "
+      f"(spatial convs of the {len(arch.layer_segments)} separable layers)"
+    )
     if arch.budget_target is not None:
-      lines.append(f"budget              target {arch.budget_target:,} parameters, achieved "
-                   f"{cost.params / arch.budget_target:.4f} x")
+      lines.append(
+        f"budget              target {arch.budget_target:,} parameters, achieved "
+        f"{cost.params / arch.budget_target:.4f} x"
+      )
     lines.append("multiply-adds per image")
   else:
-    lines.append("multiply-adds per image (XLA cost analysis / 2: includes batch norm and "
-                 "pooling, skips padding taps)")
+    lines.append(
+      "multiply-adds per image (XLA cost analysis / 2: includes batch norm and "
+      "pooling, skips padding taps)"
+    )
   for stage, macs in cost.macs_per_stage.items():
     if stage != "total":
       lines.append(f"  {stage:<8}{macs:>17,}  ({macs / 1e9:.3f} G)")
@@ -142,8 +160,13 @@ def format_sweep(rows: list[dict[str, Any]], with_budget: bool) -> str:
       cells += [f"{row['ratio']:.4f}", " ".join(map(str, row["widths"]))]
     table.append(cells)
   widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-  return "\n".join("  ".join(c.rjust(w) if i < len(header) - 1 or not with_budget else c
-                             for i, (c, w) in enumerate(zip(r, widths))) for r in table)
+  return "\n".join(
+    "  ".join(
+      c.rjust(w) if i < len(header) - 1 or not with_budget else c
+      for i, (c, w) in enumerate(zip(r, widths))
+    )
+    for r in table
+  )
 
 
 def write_csv(rows: list[dict[str, Any]], path: str) -> None:
@@ -158,32 +181,59 @@ def write_csv(rows: list[dict[str, Any]], path: str) -> None:
 
 PROG = "python -m xception_jax.tools.model_info"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", "xception", "Registry name (xception, xception_small, ...).",
-                    flag_values=FLAGS)
-flags.DEFINE_string("segments", None, "int, 'depthwise', or per flow: entry=4,middle=8,exit=16.",
-                    flag_values=FLAGS)
-flags.DEFINE_string("group_width", None, "Channels per segment (int or per flow); excludes "
-                    "--segments.", flag_values=FLAGS)
-flags.DEFINE_enum("order", None, ["depthwise_first", "pointwise_first"], "Order of the "
-                  "separable convolutions' two parts.", flag_values=FLAGS)
+flags.DEFINE_string(
+  "model", "xception", "Registry name (xception, xception_small, ...).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "segments", None, "int, 'depthwise', or per flow: entry=4,middle=8,exit=16.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "group_width",
+  None,
+  "Channels per segment (int or per flow); excludes --segments.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+  "order",
+  None,
+  ["depthwise_first", "pointwise_first"],
+  "Order of the separable convolutions' two parts.",
+  flag_values=FLAGS,
+)
 flags.DEFINE_float("width_multiplier", None, "Scales every width.", flag_values=FLAGS)
 flags.DEFINE_integer("num_middle_blocks", None, "Blocks of the middle flow.", flag_values=FLAGS)
 flags.DEFINE_integer("num_classes", None, "0 = headless.", flag_values=FLAGS)
-flags.DEFINE_string("fc_layers", None, "Comma-separated widths of FC layers, e.g. 4096,4096.",
-                    flag_values=FLAGS)
-flags.DEFINE_bool("residual", True, "Keep the shortcut connections (--noresidual, also spelled "
-                  "--no-residual, drops them).", flag_values=FLAGS)
-flags.DEFINE_string("budget", None, "'params' (Xception's count) or a target parameter count.",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+  "fc_layers", None, "Comma-separated widths of FC layers, e.g. 4096,4096.", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+  "residual",
+  True,
+  "Keep the shortcut connections (--noresidual, also spelled --no-residual, drops them).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "budget", None, "'params' (Xception's count) or a target parameter count.", flag_values=FLAGS
+)
 flags.DEFINE_string("image_size", "299", "int or HEIGHTxWIDTH.", flag_values=FLAGS)
-flags.DEFINE_bool("exclude_padding", False, "Count only kernel taps inside the input (as XLA's "
-                  "cost analysis does).", flag_values=FLAGS)
-flags.DEFINE_bool("sweep_segments", False, "One row per valid uniform segment count.",
-                  flag_values=FLAGS)
-flags.DEFINE_string("sweep_candidates", None, "Comma-separated segment counts for "
-                    "--sweep_segments.", flag_values=FLAGS)
-flags.DEFINE_string("csv", None, "With --sweep_segments: also write the rows to this file.",
-                    flag_values=FLAGS)
+flags.DEFINE_bool(
+  "exclude_padding",
+  False,
+  "Count only kernel taps inside the input (as XLA's cost analysis does).",
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+  "sweep_segments", False, "One row per valid uniform segment count.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+  "sweep_candidates",
+  None,
+  "Comma-separated segment counts for --sweep_segments.",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "csv", None, "With --sweep_segments: also write the rows to this file.", flag_values=FLAGS
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,8 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       try:
         settings["fc_layers"] = tuple(int(v) for v in FLAGS.fc_layers.split(","))
       except ValueError:
-        raise ValueError(f"--fc_layers={FLAGS.fc_layers!r}: comma-separated positive widths, "
-                         "e.g. 4096,4096") from None
+        raise ValueError(
+          f"--fc_layers={FLAGS.fc_layers!r}: comma-separated positive widths, e.g. 4096,4096"
+        ) from None
     if not FLAGS.residual:
       settings["residual"] = False
     budget = parse_budget(FLAGS.budget)
@@ -218,11 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not FLAGS.sweep_segments:
       if FLAGS.model.startswith("xception"):
-        cost = costs.model_cost(FLAGS.model, image_size, budget=budget,
-                                exclude_padding=FLAGS.exclude_padding, **settings)
+        cost = costs.model_cost(
+          FLAGS.model, image_size, budget=budget, exclude_padding=FLAGS.exclude_padding, **settings
+        )
       elif budget is not None or FLAGS.exclude_padding:
-        raise ValueError(f"--budget and --exclude_padding apply to Xception models, not "
-                         f"{FLAGS.model!r}")
+        raise ValueError(
+          f"--budget and --exclude_padding apply to Xception models, not {FLAGS.model!r}"
+        )
       else:
         cost = costs.counted_cost(FLAGS.model, image_size, **settings)
       shown = {**settings, **({"budget": budget} if budget is not None else {})}
@@ -232,11 +285,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     candidates = None
     if FLAGS.sweep_candidates:
       candidates = [models.parse_segments(v) for v in FLAGS.sweep_candidates.split(",")]
-    rows = sweep_segments(FLAGS.model, image_size, budget=budget, candidates=candidates,
-                          exclude_padding=FLAGS.exclude_padding, **settings)
-    print(f"{FLAGS.model} at {image_size[0]}x{image_size[1]}"
-          + (f", budget={budget}" if budget is not None else "")
-          + (f", {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else ""))
+    rows = sweep_segments(
+      FLAGS.model,
+      image_size,
+      budget=budget,
+      candidates=candidates,
+      exclude_padding=FLAGS.exclude_padding,
+      **settings,
+    )
+    print(
+      f"{FLAGS.model} at {image_size[0]}x{image_size[1]}"
+      + (f", budget={budget}" if budget is not None else "")
+      + (f", {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else "")
+    )
     print(format_sweep(rows, with_budget=budget is not None))
     if FLAGS.csv:
       write_csv(rows, FLAGS.csv)

@@ -22,13 +22,15 @@ multi-label data). "final" is the value at the last evaluation, which for a fini
 its last step; "best" is the best over all evaluations. Plots use finished runs only (an
 unfinished run's last value is not comparable) unless --include_unfinished.
 """
+
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 import csv
 import io
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -44,23 +46,45 @@ flags.DEFINE_string("out", None, "Output folder (default: ROOT/report).")
 flags.DEFINE_bool("include_unfinished", False, "Also plot runs that have not reached total_steps.")
 
 # Settings read from config.json, in CSV order. `model.*` are model keyword arguments.
-SETTING_COLUMNS = ("model_name", "segments", "order", "mid_activation", "residual", "budget",
-                   "seed", "dataset", "image_size", "batch_size")
+SETTING_COLUMNS = (
+  "model_name",
+  "segments",
+  "order",
+  "mid_activation",
+  "residual",
+  "budget",
+  "seed",
+  "dataset",
+  "image_size",
+  "batch_size",
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # CSV.
 # ----------------------------------------------------------------------------------------------
 
-_FIRST_COLUMNS = ("run", "status", "step", "total_steps", *SETTING_COLUMNS, "params",
-                  "analytic_params", "macs", "middle_segments", "devices", "images_per_sec",
-                  "headline_metric", "final", "best")
+_FIRST_COLUMNS = (
+  "run",
+  "status",
+  "step",
+  "total_steps",
+  *SETTING_COLUMNS,
+  "params",
+  "analytic_params",
+  "macs",
+  "middle_segments",
+  "devices",
+  "images_per_sec",
+  "headline_metric",
+  "final",
+  "best",
+)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> list[str]:
   """Writes the rows; returns the column names (fixed ones first, then metric columns sorted)."""
-  metric_columns = sorted({k for row in rows for k in row
-                           if k.startswith(("final_", "best_"))})
+  metric_columns = sorted({k for row in rows for k in row if k.startswith(("final_", "best_"))})
   columns = list(_FIRST_COLUMNS) + metric_columns
   text = io.StringIO(newline="")
   writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
@@ -75,15 +99,18 @@ def _slug(text: str) -> str:
   return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)
 
 
-def write_report(root: str, out: str | None = None,
-                 include_unfinished: bool = False) -> dict[str, Any]:
+def write_report(
+  root: str, out: str | None = None, include_unfinished: bool = False
+) -> dict[str, Any]:
   """Writes runs.csv and the plots; returns {'rows', 'csv', 'plots'} (paths written)."""
   root = os.fspath(paths.resolve(root))
   out = os.fspath(paths.resolve(out or os.path.join(root, "report")))
   rows = runs.collect(root)
   if not rows:
-    raise FileNotFoundError(f"No runs under {root!r}: a run is a folder with config.json "
-                            "(python -m xception_jax.main --workdir=... writes it).")
+    raise FileNotFoundError(
+      f"No runs under {root!r}: a run is a folder with config.json "
+      "(python -m xception_jax.main --workdir=... writes it)."
+    )
   paths.makedirs(os.path.join(out, "curves"))
   csv_path = os.path.join(out, "runs.csv")
   write_csv(rows, csv_path)
@@ -98,8 +125,12 @@ def write_report(root: str, out: str | None = None,
     metric = collections.Counter(r["headline_metric"] for r in plotted).most_common(1)[0][0]
     same_metric = [r for r in plotted if r["headline_metric"] == metric]
     if len(same_metric) < len(plotted):
-      logging.warning("Plotting the %d runs judged by %s; %d others use another metric.",
-                      len(same_metric), metric, len(plotted) - len(same_metric))
+      logging.warning(
+        "Plotting the %d runs judged by %s; %d others use another metric.",
+        len(same_metric),
+        metric,
+        len(plotted) - len(same_metric),
+      )
     report_plots.plot_all_curves(same_metric, os.path.join(out, "curves.png"), metric)
     plots.append(os.path.join(out, "curves.png"))
     if any(r.get("middle_segments") for r in same_metric):
@@ -107,8 +138,11 @@ def write_report(root: str, out: str | None = None,
       report_plots.plot_tradeoffs(same_metric, os.path.join(out, "tradeoffs.png"), metric)
       plots += [os.path.join(out, "spectrum.png"), os.path.join(out, "tradeoffs.png")]
   else:
-    logging.warning("No finished runs with eval metrics under %s: only runs.csv and per-run "
-                    "curves written (--include_unfinished plots the others).", root)
+    logging.warning(
+      "No finished runs with eval metrics under %s: only runs.csv and per-run "
+      "curves written (--include_unfinished plots the others).",
+      root,
+    )
   return {"rows": rows, "csv": csv_path, "plots": plots}
 
 

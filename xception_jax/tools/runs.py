@@ -5,14 +5,16 @@ in its workdir (config.json, run.json, metrics.jsonl, checkpoints/), so the repo
 knowledge of how a run was started: sweeps (launch/sweep.py) and hand-started runs read the same.
 Local folders and cloud URLs (gs://...) alike.
 """
+
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 import json
 import math
 import os
 import statistics
-from typing import Any, Sequence
+from typing import Any
 
 from absl import logging
 
@@ -23,8 +25,16 @@ from xception_jax.models import costs
 from xception_jax.models import xception_arch
 
 # Settings that tell plot curves apart (segments is the x axis, seed is averaged over).
-GROUP_SETTINGS = ("model_name", "budget", "order", "mid_activation", "residual", "dataset",
-                  "image_size", "batch_size")
+GROUP_SETTINGS = (
+  "model_name",
+  "budget",
+  "order",
+  "mid_activation",
+  "residual",
+  "dataset",
+  "image_size",
+  "batch_size",
+)
 _SKIP_DIRS = {"checkpoints", "tensorboard", "report"}
 
 
@@ -142,11 +152,17 @@ def analytic_cost(config: dict[str, Any], num_classes: int | None) -> dict[str, 
     logging.info("No analytic cost for %s: %s", config.get("model_name"), e)
     return {"macs": None, "middle_segments": None, "analytic_params": None}
   arch = cost.architecture
-  middle = [layer.name for layer in xception_arch.separable_layers(arch.num_middle_blocks)
-            if layer.flow == "middle"]
+  middle = [
+    layer.name
+    for layer in xception_arch.separable_layers(arch.num_middle_blocks)
+    if layer.flow == "middle"
+  ]
   layer = middle[0] if middle else arch.layer_segments[-1][0]
-  return {"macs": cost.macs_total, "middle_segments": arch.segments(layer),
-          "analytic_params": cost.params}
+  return {
+    "macs": cost.macs_total,
+    "middle_segments": arch.segments(layer),
+    "analytic_params": cost.params,
+  }
 
 
 def collect_run(workdir: str, root: str) -> dict[str, Any]:
@@ -159,24 +175,25 @@ def collect_run(workdir: str, root: str) -> dict[str, Any]:
   records = read_metrics(workdir)
   last_step = max([int(r["step"]) for r in records] + steps, default=0)
   row: dict[str, Any] = {
-      "run": os.path.relpath(workdir, root) if workdir.rstrip("/") != root.rstrip("/")
-             else paths.Path(workdir).name,
-      "model_name": config.get("model_name"),
-      "segments": models.segments_label(model.get("segments")) if "model_name" in config else None,
-      "order": model.get("order", "depthwise_first"),
-      "mid_activation": model.get("mid_activation", "none"),
-      "residual": model.get("residual", True),
-      "budget": model.get("budget") or "none",
-      "seed": config.get("seed"),
-      "dataset": run_info.get("dataset", config.get("dataset")),
-      "image_size": config.get("image_size"),
-      "batch_size": config.get("batch_size"),
-      "status": "finished" if (total is not None and steps and steps[-1] >= total) else "unfinished",
-      "step": last_step,
-      "total_steps": total,
-      "params": run_info.get("num_params"),
-      "devices": run_info.get("devices"),
-      "headline_metric": headline_metric(config, run_info),
+    "run": os.path.relpath(workdir, root)
+    if workdir.rstrip("/") != root.rstrip("/")
+    else paths.Path(workdir).name,
+    "model_name": config.get("model_name"),
+    "segments": models.segments_label(model.get("segments")) if "model_name" in config else None,
+    "order": model.get("order", "depthwise_first"),
+    "mid_activation": model.get("mid_activation", "none"),
+    "residual": model.get("residual", True),
+    "budget": model.get("budget") or "none",
+    "seed": config.get("seed"),
+    "dataset": run_info.get("dataset", config.get("dataset")),
+    "image_size": config.get("image_size"),
+    "batch_size": config.get("batch_size"),
+    "status": "finished" if (total is not None and steps and steps[-1] >= total) else "unfinished",
+    "step": last_step,
+    "total_steps": total,
+    "params": run_info.get("num_params"),
+    "devices": run_info.get("devices"),
+    "headline_metric": headline_metric(config, run_info),
   }
   if config.get("model_name"):
     row.update(analytic_cost(config, run_info.get("num_classes")))
@@ -199,12 +216,15 @@ def group_key(row: dict[str, Any]) -> tuple:
 def group_labels(rows: Sequence[dict[str, Any]]) -> dict[tuple, str]:
   """Short names for the curve groups: the settings that differ between them (budget always)."""
   keys = sorted({group_key(r) for r in rows}, key=str)
-  varying = [i for i, name in enumerate(GROUP_SETTINGS)
-             if name == "budget" or len({k[i] for k in keys}) > 1]
+  varying = [
+    i for i, name in enumerate(GROUP_SETTINGS) if name == "budget" or len({k[i] for k in keys}) > 1
+  ]
 
   def name(key, i):
     setting = GROUP_SETTINGS[i]
-    return str(key[i]) if setting == "model_name" else f"{_SHORT_NAMES.get(setting, setting)}={key[i]}"
+    return (
+      str(key[i]) if setting == "model_name" else f"{_SHORT_NAMES.get(setting, setting)}={key[i]}"
+    )
 
   return {k: ", ".join(name(k, i) for i in varying) for k in keys}
 
@@ -215,8 +235,11 @@ _SHORT_NAMES = {"mid_activation": "mid", "image_size": "size", "batch_size": "ba
 def plotted_rows(rows: Sequence[dict[str, Any]], include_unfinished: bool) -> list[dict[str, Any]]:
   """The rows the figures compare: with a headline value, and finished (an unfinished run's
   last value is not comparable) unless include_unfinished."""
-  return [r for r in rows if r.get("final") is not None and
-          (include_unfinished or r["status"] == "finished")]
+  return [
+    r
+    for r in rows
+    if r.get("final") is not None and (include_unfinished or r["status"] == "finished")
+  ]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -235,13 +258,20 @@ def spectrum_points(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, 
   for (label, segments, g), members in groups.items():
     mean, std = _mean_std([m["final"] for m in members])
     speeds = [m["images_per_sec"] for m in members if m.get("images_per_sec")]
-    curves[label].append({
-        "segments": segments, "G": g, "x": math.log2(g), "mean": mean, "std": std,
-        "n": len(members), "params": statistics.fmean(m["params"] for m in members
-                                                      if m.get("params")) if any(
-                                                          m.get("params") for m in members) else None,
+    curves[label].append(
+      {
+        "segments": segments,
+        "G": g,
+        "x": math.log2(g),
+        "mean": mean,
+        "std": std,
+        "n": len(members),
+        "params": statistics.fmean(m["params"] for m in members if m.get("params"))
+        if any(m.get("params") for m in members)
+        else None,
         "macs": members[0].get("macs"),
         "images_per_sec": statistics.fmean(speeds) if speeds else None,
         "images_per_sec_std": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
-    })
+      }
+    )
   return {label: sorted(points, key=lambda p: p["G"]) for label, points in sorted(curves.items())}
