@@ -31,6 +31,7 @@ from configs import quickstart
 from xception_jax import checkpointing
 from xception_jax import data
 from xception_jax import export
+from xception_jax import export_format
 from xception_jax import models
 from xception_jax import serving
 from xception_jax import train
@@ -166,7 +167,7 @@ def test_exported_function_matches_model_eval_at_batch_1_and_5(
 def test_batch_norm_is_not_folded_and_names_match_the_model(tiny_export):
   out, _, variables = tiny_export
   flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
-  expected = export.flatten_variables(variables)
+  expected = export_format.flatten_variables(variables)
   assert sorted(flat) == sorted(expected)
   assert any(k.startswith("batch_stats/") for k in flat)
   for name, value in expected.items():
@@ -326,7 +327,7 @@ def test_metadata_describes_the_run(workdir_8_devices, workdir_export):
   assert metadata["source"]["exported_at"]
   assert metadata["versions"]["jax"] == jax.__version__
   assert metadata["saved_model"] is None
-  assert set(metadata["function"]["platforms"]) == set(export.EXPORT_PLATFORMS)
+  assert set(metadata["function"]["platforms"]) == set(export_format.EXPORT_PLATFORMS)
   # No partially written folder is left next to the export.
   parent = os.path.dirname(workdir_export)
   assert os.listdir(parent) == [os.path.basename(workdir_export)]
@@ -348,7 +349,7 @@ def test_raw_weights_flag_and_step(workdir_8_devices, tmp_path):
     == 0
   )
   flat = dict(np.load(os.path.join(out, serving.VARIABLES_FILE)))
-  for name, value in export.flatten_variables(raw).items():
+  for name, value in export_format.flatten_variables(raw).items():
     np.testing.assert_array_equal(flat[name], value)
   assert serving.read_metadata(out)["source"]["weights"] == "raw"
 
