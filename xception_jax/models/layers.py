@@ -52,13 +52,105 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array] | None] = {
 ORDERS = ("depthwise_first", "pointwise_first")
 
 
+def _batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Batch mean and variance over all but the last axis, as Flax computes them in training
+  (float32, Var = E[x^2] - E[x]^2 clipped at 0)."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean, mean2 = xf.mean(axes), lax.square(xf).mean(axes)
+  return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
+
+
+def _batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype):
+  """Flax's `_normalize`, op for op: (x - mean) * (rsqrt(var + eps) * scale) + bias."""
+  mul = lax.rsqrt(var + epsilon) * scale
+  return jnp.asarray((x - mean) * mul + bias, dtype)
+
+
+def _batch_norm_native(x, scale, bias, epsilon, dtype):
+  mean, var = _batch_norm_stats(x)
+  return _batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_vjp(x, scale, bias, epsilon, dtype):
+  return _batch_norm_native(x, scale, bias, epsilon, dtype)
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
+  mean, var = _batch_norm_stats(x)
+  y = _batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype)
+  return (y, mean, var), (x, mean, var, scale)
+
+
+def _batch_norm_bwd(epsilon, dtype, residuals, cotangents):
+  """The batch-norm gradient in closed form: two per-channel sums over (g, x) and one
+  elementwise pass. Also exact for cotangents of the returned mean and variance."""
+  del dtype
+  # As in `_depthwise_bwd`: no x - mean shared with (and materialised by) the forward pass.
+  x, mean, var, scale = lax.optimization_barrier(residuals)
+  g, g_mean, g_var = cotangents
+  acc = mean.dtype
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  inv = lax.rsqrt(var + epsilon)
+  centred = x.astype(acc) - mean
+  g = g.astype(acc)
+  sum_g, sum_gc = jnp.sum(g, axes), jnp.sum(g * centred, axes)
+  # var = max(0, E[x^2] - E[x]^2): dvar/dx = 2 (x - mean) / n where not clipped, else 0.
+  d_var = (g_var - 0.5 * scale * inv ** 3 * sum_gc) * (var > 0)
+  d_mean = g_mean - inv * scale * sum_g
+  grad_x = g * (inv * scale) + d_mean / n + centred * (2.0 * d_var / n)
+  return (grad_x.astype(x.dtype), (sum_gc * inv).astype(scale.dtype), sum_g.astype(scale.dtype))
+
+
+_batch_norm_vjp.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 class BatchNorm(nn.BatchNorm):
   """`flax.linen.BatchNorm` with the Keras defaults (epsilon 1e-3, momentum 0.99).
 
   Flax's own defaults (epsilon 1e-5) would make Keras-imported weights give different outputs.
+  In training mode the normalisation has, on CPU, a hand-written backward pass
+  (`_batch_norm_bwd`): XLA:CPU's version of the automatic one materialised x - mean in the
+  forward pass and made several passes over the activations (BENCHMARKS.md, section 6). The
+  values, statistics and variables are Flax's; other platforms, evaluation mode and settings
+  this project does not use (a mask, an `axis_name`, another axis) run Flax's code.
   """
   momentum: float = 0.99
   epsilon: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    evaluating = nn.merge_param("use_running_average", self.use_running_average,
+                                use_running_average)
+    if (evaluating or self.is_initializing() or mask is not None
+        or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
+        or not self.use_fast_variance or not self.force_float32_reductions
+        or jnp.iscomplexobj(x)):
+      return super().__call__(x, use_running_average, mask=mask)
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    args = [x]
+    scale = bias = None
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, features, self.param_dtype)
+      args.append(scale)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, features, self.param_dtype)
+      args.append(bias)
+    dtype = self.dtype or jnp.result_type(*args)
+    ones = jnp.ones(features, jnp.float32)
+    scale = ones if scale is None else scale
+    bias = ones * 0 if bias is None else bias
+    fn = functools.partial(_batch_norm_vjp, epsilon=self.epsilon, dtype=jnp.dtype(dtype))
+    native = functools.partial(_batch_norm_native, epsilon=self.epsilon, dtype=jnp.dtype(dtype))
+    y, mean, var = lax.platform_dependent(x, scale, bias, cpu=fn, default=native)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
 
 
 def canonical_dtype(dtype: Any) -> jnp.dtype:
@@ -132,23 +224,70 @@ def _window_slices(xp: jax.Array, window: Sequence[int], strides: Sequence[int],
       yield (i, j), lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
 
 
+def _shifted_products(xp: jax.Array, taps: jax.Array, strides: Sequence[int],
+                      out_hw: Sequence[int], acc: Any) -> jax.Array:
+  """sum over kernel offsets (i, j) of xp[:, i::sh, j::sw][:, :Ho, :Wo] * taps[i, j], in acc."""
+  out = None
+  for (i, j), window in _window_slices(xp, taps.shape[:2], strides, out_hw):
+    term = window.astype(acc) * taps[i, j].astype(acc)
+    out = term if out is None else out + term
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_vjp(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, ...],
+                   pads: tuple[tuple[int, int], ...], out_dtype: Any) -> jax.Array:
+  return _depthwise_fwd(lhs, rhs, strides, pads, out_dtype)[0]
+
+
+def _depthwise_fwd(lhs, rhs, strides, pads, out_dtype):
+  kh, kw = rhs.shape[:2]
+  xp = _pad_nhwc(lhs, 0, pads)
+  out_hw = [(xp.shape[1 + d] - (kh, kw)[d]) // strides[d] + 1 for d in range(2)]
+  acc = jnp.promote_types(lhs.dtype, jnp.float32)
+  return _shifted_products(xp, rhs[:, :, 0], strides, out_hw, acc).astype(out_dtype), (lhs, rhs)
+
+
+def _depthwise_bwd(strides, pads, out_dtype, residuals, g):
+  """Input gradient: the same shifted multiply-adds on the (dilated, padded) output gradient with
+  the flipped kernel; kernel gradient: per offset, the sum of window x gradient."""
+  del out_dtype
+  # The barrier keeps XLA from sharing the shifted slices below with the forward pass (CSE),
+  # which would materialise them there and keep them alive until now.
+  lhs, rhs = lax.optimization_barrier(residuals)
+  kh, kw = rhs.shape[:2]
+  acc = jnp.promote_types(lhs.dtype, jnp.float32)
+  in_hw, out_hw = lhs.shape[1:3], g.shape[1:3]
+  # lhs position p receives g[o] * rhs[p + lo - s * o]: pad g so that this is a stride-1
+  # correlation with the flipped kernel (interior padding undoes the stride).
+  g_pads = [((kh, kw)[d] - 1 - pads[d][0], in_hw[d] + pads[d][0] - (out_hw[d] - 1) * strides[d] - 1,
+             strides[d] - 1) for d in range(2)]
+  gp = lax.pad(g, jnp.array(0, g.dtype), [(0, 0, 0), *g_pads, (0, 0, 0)])
+  grad_lhs = _shifted_products(gp, rhs[::-1, ::-1, 0], (1, 1), in_hw, acc).astype(lhs.dtype)
+  xp = _pad_nhwc(lhs, 0, pads)
+  g_acc = g.astype(acc)
+  rows = [jnp.sum(window.astype(acc) * g_acc, axis=(0, 1, 2))
+          for _, window in _window_slices(xp, (kh, kw), strides, out_hw)]
+  grad_rhs = jnp.stack(rows).reshape(rhs.shape).astype(rhs.dtype)
+  return grad_lhs, grad_rhs
+
+
+_depthwise_vjp.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def _depthwise_shifted(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
                        pads: Sequence[tuple[int, int]], preferred_element_type: Any) -> jax.Array:
   """Depthwise conv (rhs (kh, kw, 1, C)) as a sum over kernel offsets of shifted slices x row.
 
   Elementwise ops that XLA:CPU fuses into one loop over the output, with a backward made of
   pads, slices and reductions, instead of the grouped-convolution kernels it runs slowly.
+  The backward pass is written by hand (`_depthwise_bwd`): differentiated automatically, the
+  forward pass kept its nine shifted slices as materialised residuals, nine extra copies of the
+  activation per layer (BENCHMARKS.md, section 6).
   Accumulates in float32 (bf16 inputs round once, at the end) and returns the input dtype.
   """
-  kh, kw = rhs.shape[:2]
-  xp = _pad_nhwc(lhs, 0, pads)
-  out_hw = [(xp.shape[1 + d] - (kh, kw)[d]) // strides[d] + 1 for d in range(2)]
-  acc = jnp.promote_types(lhs.dtype, jnp.float32)
-  out = None
-  for (i, j), window in _window_slices(xp, (kh, kw), strides, out_hw):
-    term = window.astype(acc) * rhs[i, j, 0].astype(acc)
-    out = term if out is None else out + term
-  return out.astype(preferred_element_type or lhs.dtype)
+  return _depthwise_vjp(lhs, rhs, tuple(strides), tuple(tuple(p) for p in pads),
+                        jnp.dtype(preferred_element_type or lhs.dtype))
 
 
 # On CPU, groups narrower than this are merged into block-diagonal groups of at most this many
@@ -208,18 +347,49 @@ def _grouped_taps(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   return out.astype(preferred_element_type or lhs.dtype)
 
 
+@jax.custom_vjp
+def _channel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., C_in] @ w [C_in, C_out], with its two gradients written as 2-D matrix products."""
+  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _channel_dot_fwd(x, w):
+  return _channel_dot(x, w), (x, w)
+
+
+def _channel_dot_bwd(residuals, g):
+  """grad x = g @ w^T; grad w = x^T @ g over all pixels, on [pixels, channels] views.
+
+  Differentiated automatically, XLA:CPU computed the weight gradient from a transposed copy
+  ([C_out, pixels]) of the output gradient, written by the batch-norm backward fusion that
+  produces it, and computed that fusion a second time for the input gradient: the transposed
+  writes were about a tenth of the training step (BENCHMARKS.md, section 6).
+  """
+  x, w = residuals
+  grad_x = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+  grad_w = lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                           (((0,), (0,)), ((), ())))
+  return grad_x, grad_w
+
+
+_channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
+
+
 def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
                    pads: Sequence[tuple[int, int]], precision: Any,
                    preferred_element_type: Any) -> jax.Array:
   """1x1 conv as a matrix product over channels (on the strided, padded input when needed).
 
   XLA:CPU computes the weight gradient of a 1x1 convolution about 2x slower than the same
-  contraction written as a dot_general.
+  contraction written as a dot_general. Without `precision` or `preferred_element_type`
+  (Flax passes neither) the product is `_channel_dot`, whose gradients are explicit 2-D products.
   """
   if any(p != (0, 0) for p in pads):
     lhs = _pad_nhwc(lhs, 0, pads)
   if tuple(strides) != (1, 1):
     lhs = lhs[:, ::strides[0], ::strides[1], :]
+  if precision is None and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype:
+    return _channel_dot(lhs, rhs[0, 0])
   return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=preferred_element_type)
 
@@ -265,6 +435,83 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   else:
     return native(lhs, rhs)
   return lax.platform_dependent(lhs, rhs, cpu=cpu, default=native)
+
+
+def _first_max(xp: jax.Array, window: Sequence[int], strides: Sequence[int],
+               out_hw: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """Max over each window of xp and the first kernel offset (row-major) that reaches it (int8)."""
+  windows = [w for _, w in _window_slices(xp, window, strides, out_hw)]
+  y = functools.reduce(jnp.maximum, windows)
+  first = jnp.full(y.shape, len(windows) - 1, jnp.int8)
+  for t in range(len(windows) - 2, -1, -1):
+    first = jnp.where(windows[t] == y, jnp.int8(t), first)
+  return y, first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_vjp(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return _max_pool_fwd(x, window, strides, pads)[0]
+
+
+def _max_pool_fwd(x, window, strides, pads):
+  xp = _pad_nhwc(x, -jnp.inf, pads)
+  out_hw = [(xp.shape[1 + d] - window[d]) // strides[d] + 1 for d in range(2)]
+  y, first = _first_max(xp, window, strides, out_hw)
+  return y, (first, x.shape)
+
+
+def _max_pool_bwd(window, strides, pads, residuals, g):
+  """Routes each output gradient to its window's first maximum, as select_and_scatter does.
+
+  Written per stride phase to avoid interior padding: padded input position s * q + r receives,
+  from every kernel offset t = s * m + r, the gradient of output q - m where that offset won.
+  The s x s phase planes are summed from unit-stride shifted pads, then interleaved.
+  """
+  first, x_shape = residuals
+  (sh, sw), (ho, wo) = strides, g.shape[1:3]
+  hp, wp = (x_shape[1 + d] + sum(pads[d]) for d in range(2))
+  qh, qw = -(-hp // sh), -(-wp // sw)
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  zero = jnp.zeros((), acc)
+  planes = {}
+  for t, (i, j) in enumerate((i, j) for i in range(window[0]) for j in range(window[1])):
+    contribution = jnp.where(first == t, g.astype(acc), zero)
+    (mi, ri), (mj, rj) = divmod(i, sh), divmod(j, sw)
+    shifted = lax.pad(contribution, zero, [(0, 0, 0), (mi, qh - ho - mi, 0),
+                                           (mj, qw - wo - mj, 0), (0, 0, 0)])
+    planes[ri, rj] = shifted + planes[ri, rj] if (ri, rj) in planes else shifted
+  b, c = g.shape[0], g.shape[3]
+  empty = jnp.zeros((b, qh, qw, c), acc)
+  stacked = jnp.stack([jnp.stack([planes.get((ri, rj), empty) for rj in range(sw)], axis=3)
+                       for ri in range(sh)], axis=2)  # [b, qh, sh, qw, sw, c]
+  gxp = stacked.reshape(b, qh * sh, qw * sw, c)
+  gx = lax.slice(gxp, (0, pads[0][0], pads[1][0], 0),
+                 (b, pads[0][0] + x_shape[1], pads[1][0] + x_shape[2], c))
+  return (gx.astype(g.dtype),)
+
+
+_max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+             padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+  """`nn.max_pool` of an NHWC array, with a backward pass that is fast on CPU.
+
+  XLA:CPU expands max pooling's backward (select_and_scatter) into a variadic reduce-window that
+  tracks four int32 index arrays of the input's size, and a scatter (BENCHMARKS.md, section 6).
+  On CPU the forward pass here also records, per output, which kernel offset held the (first)
+  maximum, in int8, and the backward pass routes the gradient with shifted pads
+  (`_max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties included. GPU
+  and TPU keep `nn.max_pool` (`lax.platform_dependent` lowers only their branch).
+  """
+  window, strides = tuple(window), tuple(strides)
+  native = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+  if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+    return native(x)
+  pads = tuple(tuple(p) for p in _explicit_padding(padding, x.shape[1:3], window, strides))
+  cpu = functools.partial(_max_pool_vjp, window=window, strides=strides, pads=pads)
+  return lax.platform_dependent(x, cpu=cpu, default=native)
 
 
 class SeparableConv(nn.Module):

@@ -410,7 +410,8 @@ class Xception(nn.Module):
       return batch_norm(name=f"{block}_shortcut_bn")(x)
 
     def max_pool(x):
-      return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      # layers.max_pool: a cheaper backward pass on CPU, nn.max_pool elsewhere.
+      return layers.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
 
     blocks = block_names(arch.num_middle_blocks)
     x = jnp.asarray(images, dtype)
