@@ -245,30 +245,57 @@ def _depthwise_fwd(lhs, rhs, strides, pads, out_dtype):
   xp = _pad_nhwc(lhs, 0, pads)
   out_hw = [(xp.shape[1 + d] - (kh, kw)[d]) // strides[d] + 1 for d in range(2)]
   acc = jnp.promote_types(lhs.dtype, jnp.float32)
-  return _shifted_products(xp, rhs[:, :, 0], strides, out_hw, acc).astype(out_dtype), (lhs, rhs)
+  # The padded input is the residual: XLA materialises it for the forward pass anyway, and the
+  # backward pass then slices a buffer instead of padding again.
+  return _shifted_products(xp, rhs[:, :, 0], strides, out_hw, acc).astype(out_dtype), (xp, rhs)
+
+
+# The kernel gradient's reductions are split over this many slices of the batch.
+_KERNEL_GRAD_SPLITS = 2
+
+
+def _window_sums(xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int],
+                 acc: Any) -> jax.Array:
+  """[kh * kw, C]: per kernel offset, the sum of shifted window x g over batch and pixels.
+
+  One variadic reduction over all offsets: XLA:CPU hands plain reductions to YNNPACK, but only
+  of unsliced inputs, so nine separate sums each first copied a shifted slice of the
+  activation. XLA emits the variadic reduction as one loop on one thread; two of them over
+  batch halves run on both cores (BENCHMARKS.md, section 6).
+  """
+  out_hw = g.shape[1:3]
+  b = g.shape[0]
+  bounds = sorted({b * k // _KERNEL_GRAD_SPLITS for k in range(_KERNEL_GRAD_SPLITS + 1)})
+  total = None
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    g_part = g[lo:hi].astype(acc)
+    products = [w.astype(acc) * g_part for _, w in _window_slices(xp[lo:hi], window, strides,
+                                                                  out_hw)]
+    sums = lax.reduce(products, [jnp.zeros((), acc)] * len(products),
+                      lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+    part = jnp.stack(sums)
+    total = part if total is None else total + part
+  return total
 
 
 def _depthwise_bwd(strides, pads, out_dtype, residuals, g):
   """Input gradient: the same shifted multiply-adds on the (dilated, padded) output gradient with
   the flipped kernel; kernel gradient: per offset, the sum of window x gradient."""
   del out_dtype
-  # The barrier keeps XLA from sharing the shifted slices below with the forward pass (CSE),
-  # which would materialise them there and keep them alive until now.
-  lhs, rhs = lax.optimization_barrier(residuals)
+  # The barrier keeps XLA from sharing work below with the forward pass (CSE), which would
+  # materialise it there and keep it alive until now.
+  xp, rhs = lax.optimization_barrier(residuals)
   kh, kw = rhs.shape[:2]
-  acc = jnp.promote_types(lhs.dtype, jnp.float32)
-  in_hw, out_hw = lhs.shape[1:3], g.shape[1:3]
+  acc = jnp.promote_types(xp.dtype, jnp.float32)
+  in_hw = [xp.shape[1 + d] - pads[d][0] - pads[d][1] for d in range(2)]
+  out_hw = g.shape[1:3]
   # lhs position p receives g[o] * rhs[p + lo - s * o]: pad g so that this is a stride-1
   # correlation with the flipped kernel (interior padding undoes the stride).
   g_pads = [((kh, kw)[d] - 1 - pads[d][0], in_hw[d] + pads[d][0] - (out_hw[d] - 1) * strides[d] - 1,
              strides[d] - 1) for d in range(2)]
   gp = lax.pad(g, jnp.array(0, g.dtype), [(0, 0, 0), *g_pads, (0, 0, 0)])
-  grad_lhs = _shifted_products(gp, rhs[::-1, ::-1, 0], (1, 1), in_hw, acc).astype(lhs.dtype)
-  xp = _pad_nhwc(lhs, 0, pads)
-  g_acc = g.astype(acc)
-  rows = [jnp.sum(window.astype(acc) * g_acc, axis=(0, 1, 2))
-          for _, window in _window_slices(xp, (kh, kw), strides, out_hw)]
-  grad_rhs = jnp.stack(rows).reshape(rhs.shape).astype(rhs.dtype)
+  grad_lhs = _shifted_products(gp, rhs[::-1, ::-1, 0], (1, 1), in_hw, acc).astype(xp.dtype)
+  grad_rhs = _window_sums(xp, g, (kh, kw), strides, acc).reshape(rhs.shape).astype(rhs.dtype)
   return grad_lhs, grad_rhs
 
 
