@@ -65,8 +65,11 @@ def _kind_of_op_name(op_name: str) -> str:
 
 
 def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """Entry-computation instruction name -> (shape, op_name), op_name borrowed from the nearest
-  user when the instruction has none (layout copies, iotas)."""
+  """Entry-computation instruction name -> (shape, op_name). A fusion without an op_name takes
+  the first model op_name in its body, anything else still without one its nearest user's
+  (layout copies, iotas)."""
+  bodies = {m.group(1): m.group(2) for m in re.finditer(
+      r"^%(\S+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M)}
   entry = hlo_text[hlo_text.index("\nENTRY"):]
   info, users = {}, collections.defaultdict(list)
   for line in entry.splitlines()[1:]:
@@ -75,6 +78,9 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
       continue
     name, shape, _, rest = m.groups()
     op_name = re.search(r'op_name="([^"]*)"', line)
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    if not op_name and called:
+      op_name = re.search(r'op_name="([^"]*Xception[^"]*)"', bodies.get(called.group(1), ""))
     info[name] = (shape, op_name.group(1) if op_name else "")
     for operand in re.findall(r"%([\w.\-]+)", rest.split("calls=")[0]):
       users[operand].append(name)
@@ -153,7 +159,7 @@ def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
                 "kind": kind, "op": op_name.replace("jit(train_step)/", "")})
   return {"impl": "ours", "wall_ms_per_step_traced": wall_ms, "unit": "thread ms per step",
           "rows": [{"direction": d, "kind": k, "ms": ms} for (d, k), ms in rows.items()],
-          "top": top[:args.top], "jax_version": jax.__version__}
+          "top": top, "jax_version": jax.__version__}
 
 
 def _torch_kind(name: str, shapes: Any) -> str | None:
@@ -239,13 +245,13 @@ def profile_timm(args: argparse.Namespace) -> dict[str, Any]:
           "unit": "ms per step (aten self time; ops use all intra-op threads)",
           "rows": [{"direction": d, "kind": k, "ms": ms} for (d, k), ms in rows.items()],
           "top": [{"op": n, "direction": d, "kind": k, "ms": ms}
-                  for (n, d, k), ms in top.most_common(args.top)],
+                  for (n, d, k), ms in top.most_common()],
           "torch_version": torch.__version__, "timm_version": timm.__version__,
           "threads": torch.get_num_threads()}
 
 
-def format_profile(result: dict[str, Any]) -> str:
-  """A markdown table of the (direction, kind) rows, largest first, and the top ops."""
+def format_profile(result: dict[str, Any], top: int) -> str:
+  """A markdown table of the (direction, kind) rows, largest first, and the `top` ops."""
   total = sum(r["ms"] for r in result["rows"])
   lines = [f"{result['impl']}: {result['unit']}; total {total:.0f}, traced wall "
            f"{result['wall_ms_per_step_traced']:.0f} ms/step", "",
@@ -254,7 +260,7 @@ def format_profile(result: dict[str, Any]) -> str:
     lines.append(f"| {r['direction']} | {r['kind']} | {r['ms']:.1f} | "
                  f"{100 * r['ms'] / total:.1f}% |")
   lines += ["", "top ops:"]
-  for t in result["top"]:
+  for t in result["top"][:top]:
     lines.append(f"  {t['ms']:8.1f}  {t['direction']:8s} {t['kind']:22s} "
                  f"{t.get('thunk', '')} {t.get('shape', '')} {t['op'][:90]}")
   return "\n".join(lines)
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(result, f, indent=1)
-  print(format_profile(result), flush=True)
+  print(format_profile(result, args.top), flush=True)
 
 
 if __name__ == "__main__":

@@ -94,13 +94,15 @@ def _batch_norm_bwd(epsilon, dtype, residuals, cotangents):
   axes = tuple(range(x.ndim - 1))
   n = x.size // x.shape[-1]
   inv = lax.rsqrt(var + epsilon)
-  centred = x.astype(acc) - mean
-  g = g.astype(acc)
-  sum_g, sum_gc = jnp.sum(g, axes), jnp.sum(g * centred, axes)
+  xf, g = x.astype(acc), g.astype(acc)
+  sum_g, sum_gc = jnp.sum(g, axes), jnp.sum(g * (xf - mean), axes)
   # var = max(0, E[x^2] - E[x]^2): dvar/dx = 2 (x - mean) / n where not clipped, else 0.
   d_var = (g_var - 0.5 * scale * inv ** 3 * sum_gc) * (var > 0)
   d_mean = g_mean - inv * scale * sum_g
-  grad_x = g * (inv * scale) + d_mean / n + centred * (2.0 * d_var / n)
+  # grad_x = g * inv * scale + d_mean / n + (x - mean) * 2 d_var / n, written affine in x so
+  # that no x - mean array is shared with (and materialised for) the sum above.
+  slope = 2.0 * d_var / n
+  grad_x = g * (inv * scale) + xf * slope + (d_mean / n - mean * slope)
   return (grad_x.astype(x.dtype), (sum_gc * inv).astype(scale.dtype), sum_g.astype(scale.dtype))
 
 
@@ -250,30 +252,30 @@ def _depthwise_fwd(lhs, rhs, strides, pads, out_dtype):
   return _shifted_products(xp, rhs[:, :, 0], strides, out_hw, acc).astype(out_dtype), (xp, rhs)
 
 
-# The kernel gradient's reductions are split over this many slices of the batch.
-_KERNEL_GRAD_SPLITS = 2
+# The kernel gradient sums at most this many images per fused loop (`_window_sums`).
+_KERNEL_GRAD_IMAGES = 32
 
 
 def _window_sums(xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int],
                  acc: Any) -> jax.Array:
-  """[kh * kw, C]: per kernel offset, the sum of shifted window x g over batch and pixels.
+  """[kh * kw, C]: per kernel offset, the sum over batch and pixels of shifted window x g.
 
-  One variadic reduction over all offsets: XLA:CPU hands plain reductions to YNNPACK, but only
-  of unsliced inputs, so nine separate sums each first copied a shifted slice of the
-  activation. XLA emits the variadic reduction as one loop on one thread; two of them over
-  batch halves run on both cores (BENCHMARKS.md, section 6).
+  XLA:CPU emits reductions as scalar loops unless YNNPACK takes them, and YNNPACK takes only
+  reductions of unsliced inputs: nine `sum(window * g)` each copied a shifted slice of the
+  activation first, and one variadic reduction of the nine products ran as one scalar loop.
+  Here the batch is summed first with elementwise adds, image by image (one vectorised loop
+  over [offsets, H, W, C] that reads the activation and its gradient once), and only the
+  remaining pixel sums, of a plain array, are reductions (BENCHMARKS.md, section 6).
   """
-  out_hw = g.shape[1:3]
-  b = g.shape[0]
-  bounds = sorted({b * k // _KERNEL_GRAD_SPLITS for k in range(_KERNEL_GRAD_SPLITS + 1)})
+  windows = [w for _, w in _window_slices(xp, window, strides, g.shape[1:3])]
   total = None
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
-    g_part = g[lo:hi].astype(acc)
-    products = [w.astype(acc) * g_part for _, w in _window_slices(xp[lo:hi], window, strides,
-                                                                  out_hw)]
-    sums = lax.reduce(products, [jnp.zeros((), acc)] * len(products),
-                      lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
-    part = jnp.stack(sums)
+  for start in range(0, g.shape[0], _KERNEL_GRAD_IMAGES):
+    images = range(start, min(start + _KERNEL_GRAD_IMAGES, g.shape[0]))
+    g_acc = [g[k].astype(acc) for k in images]
+    per_offset = jnp.stack([functools.reduce(jnp.add, [w[k].astype(acc) * g_k
+                                                       for k, g_k in zip(images, g_acc)])
+                            for w in windows])
+    part = jnp.sum(per_offset, axis=(1, 2))
     total = part if total is None else total + part
   return total
 
@@ -538,7 +540,8 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
     return native(x)
   pads = tuple(tuple(p) for p in _explicit_padding(padding, x.shape[1:3], window, strides))
   cpu = functools.partial(_max_pool_vjp, window=window, strides=strides, pads=pads)
-  return lax.platform_dependent(x, cpu=cpu, default=native)
+  with jax.named_scope("max_pool"):  # names its ops in profiles (bench/profile_step.py)
+    return lax.platform_dependent(x, cpu=cpu, default=native)
 
 
 class SeparableConv(nn.Module):
