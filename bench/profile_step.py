@@ -79,8 +79,11 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     name, shape, _, rest = m.groups()
     op_name = re.search(r'op_name="([^"]*)"', line)
     called = re.search(r"calls=%([\w.\-]+)", line)
-    if not op_name and called:
-      op_name = re.search(r'op_name="([^"]*Xception[^"]*)"', bodies.get(called.group(1), ""))
+    if called and (not op_name or "Xception" not in op_name.group(1)):
+      # A fusion named after a root outside the model (e.g. the optimizer's add of the weight
+      # decay, fused into a weight-gradient product) is attributed to the model op inside.
+      op_name = re.search(r'op_name="([^"]*Xception[^"]*)"',
+                          bodies.get(called.group(1), "")) or op_name
     info[name] = (shape, op_name.group(1) if op_name else "")
     for operand in re.findall(r"%([\w.\-]+)", rest.split("calls=")[0]):
       users[operand].append(name)

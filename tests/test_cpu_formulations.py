@@ -251,3 +251,15 @@ def test_batch_norm_training_matches_flax(use_scale, dtype):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   flat = [[np.asarray(g, np.float32) for g in jax.tree.leaves(r[2])] for r in results]
   _assert_close(flat[0], flat[1], dtype, names=[str(i) for i in range(len(flat[0]))])
+
+
+def test_depthwise_kernel_gradient_sums_the_batch_in_chunks(monkeypatch):
+  """The kernel gradient sums the batch a chunk of images at a time: uneven chunks included."""
+  monkeypatch.setattr(layers, "_KERNEL_GRAD_IMAGES", 2)
+  x, w = _normal(0, (5, 6, 5, 8)), _normal(1, (3, 3, 1, 8))
+  cotangent = _normal(2, (5, 6, 5, 8))
+  ours = _value_and_grads(functools.partial(_ours_conv, strides=(1, 1), padding="SAME",
+                                            groups=8), x, w, cotangent)
+  native = _value_and_grads(functools.partial(_native_conv, strides=(1, 1), padding="SAME",
+                                              groups=8), x, w, cotangent)
+  _assert_close(ours, native, jnp.float32)

@@ -17,12 +17,12 @@ On CPU three convolutions get a different but mathematically equal formulation
 and TPU keep the native convolution that cuDNN and the TPU compiler handle well. XLA:CPU runs the
 depthwise 3x3 convolution (and above all its two backward convolutions), grouped convolutions
 and the weight gradient of 1x1 convolutions far below the machine's rate; the rewrites (shifted
-multiply-adds, group-batched matrix products, a matrix product over channels) cut the Xception
-training step's CPU time (batch 32, 71x71) from about 4900 to about 1800 ms per step, from 0.96x
-to 2.7x Keras 3's speed (BENCHMARKS.md, section 3), and the intermediate segment counts' steps
-by 4-31x (section 2b).
-Max pooling stays native on every platform: two cheaper-in-isolation backward forms made the
-full step slower (same section). Parameters keep their shapes and names, so Keras weights and
+multiply-adds, group-batched matrix products, a matrix product over channels) made the Xception
+training step 2.7x faster than Keras 3's on CPU (BENCHMARKS.md, section 3) and the intermediate
+segment counts' steps 4-31x faster (section 2b). The depthwise and 1x1 rewrites, batch norm in
+training and max pooling (`max_pool`) also have hand-written backward passes on CPU, because the
+ones XLA:CPU derived materialised shifted copies, transposes and index arrays of the
+activations (section 6). Parameters keep their shapes and names, so Keras weights and
 checkpoints load unchanged.
 """
 from __future__ import annotations
