@@ -2,6 +2,7 @@
 
   python bench/compare_timm.py                                   # GPU defaults (see below)
   python bench/compare_timm.py --models=xception --modes=train --batch=128 --json-out=F
+  python bench/compare_timm.py --models=xception --modes=train --impls=eager --jsonl-out=F
   # CPU smoke test (any machine with torch + timm):
   python bench/compare_timm.py --device=cpu --batch=2 --image-size=75 --steps=2 --warmup=1 \
       --dtype=float32 --no-compile
@@ -32,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMM_NAMES = {"xception": "legacy_xception", "inception_v3": "inception_v3"}
 WEIGHT_DECAY = {"xception": 1e-5, "inception_v3": 4e-5}  # the paper's ImageNet recipes
 IMPLS = ("ours", "timm eager", "timm compile")
+IMPL_FLAGS = {"ours": "ours", "eager": "timm eager", "compile": "timm compile"}  # --impls
 
 
 def measure_timm(model_name: str, mode: str, batch: int, image_size: int, steps: int,
@@ -140,8 +143,14 @@ def _run_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 def compare(models: Sequence[str], modes: Sequence[str], batch: int, image_size: int, steps: int,
             warmup: int, dtype: str, use_compile: bool, device: str, num_classes: int,
-            ours_python: str) -> list[dict[str, Any]]:
-  """Every (model, mode, implementation) measurement, each in its own subprocess."""
+            ours_python: str, impls: Sequence[str] = IMPLS, ours_args: Sequence[str] = (),
+            jsonl_out: str = "") -> list[dict[str, Any]]:
+  """Every (model, mode, implementation) measurement, each in its own subprocess.
+
+  `impls` picks among IMPLS; `ours_args` are extra flags of the benchmark tool (e.g.
+  --profile-dir); with `jsonl_out` each measurement is appended there as one JSON line as soon as
+  it is taken, so a run cut off later keeps what it measured.
+  """
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
          "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
   if device == "cpu":
@@ -152,16 +161,21 @@ def compare(models: Sequence[str], modes: Sequence[str], batch: int, image_size:
       common = [f"--batch={batch}", f"--image-size={image_size}", f"--steps={steps}",
                 f"--warmup={warmup}", f"--dtype={dtype}", f"--num-classes={num_classes}"]
       runs = [("ours", [ours_python, "-m", "xception_jax.tools.benchmark", f"--model={model}",
-                        f"--mode={mode}", "--json", *common])]
+                        f"--mode={mode}", "--json", *common, *ours_args])]
       timm_cmd = [sys.executable, os.path.abspath(__file__), "--measure-timm", f"--models={model}",
                   f"--modes={mode}", f"--device={device}", *common]
       runs.append(("timm eager", [*timm_cmd, "--no-compile"]))
       if use_compile:
         runs.append(("timm compile", timm_cmd))
       for impl, cmd in runs:
+        if impl not in impls:
+          continue
         out = _run_json(cmd, env)
-        out.update(impl=impl, model=model, mode=mode)
+        out.update(impl=impl, model=model, mode=mode, source="compare_timm")
         results.append(out)
+        if jsonl_out:
+          with open(jsonl_out, "a") as f:
+            f.write(json.dumps(out) + "\n")
         summary = out.get("error") or f"{out['images_per_sec']:.1f} images/s"
         print(f"{model:12s} {mode:5s} {impl:12s} {summary}", file=sys.stderr, flush=True)
   return results
@@ -213,22 +227,32 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
   p.add_argument("--ours-python", default=sys.executable,
                  help="interpreter with jax and this repo's dependencies (default: this one)")
+  p.add_argument("--impls", default="ours,eager,compile",
+                 help="which implementations to measure: ours, eager, compile (timm's)")
+  p.add_argument("--ours-args", default="",
+                 help="extra flags for our benchmark tool, e.g. '--profile-dir=DIR'")
   p.add_argument("--json-out", default="", help="also write every measurement here")
+  p.add_argument("--jsonl-out", default="",
+                 help="append each measurement here as one JSON line as soon as it is taken")
   p.add_argument("--measure-timm", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
   modes = [m for m in args.modes.split(",") if m]
-  unknown = sorted(set(models) - set(TIMM_NAMES)) + sorted(set(modes) - {"train", "infer"})
+  impl_flags = [i for i in args.impls.split(",") if i]
+  unknown = (sorted(set(models) - set(TIMM_NAMES)) + sorted(set(modes) - {"train", "infer"})
+             + sorted(set(impl_flags) - set(IMPL_FLAGS)))
   if unknown:
-    p.error(f"unknown model(s)/mode(s) {unknown}; models: {sorted(TIMM_NAMES)}, modes: "
-            "train, infer")
+    p.error(f"unknown model(s)/mode(s)/impl(s) {unknown}; models: {sorted(TIMM_NAMES)}, modes: "
+            f"train, infer; impls: {', '.join(IMPL_FLAGS)}")
   if args.measure_timm:
     print(json.dumps(measure_timm(models[0], modes[0], args.batch, args.image_size, args.steps,
                                   args.warmup, args.dtype, args.use_compile, args.device,
                                   args.num_classes)), flush=True)
     return
   results = compare(models, modes, args.batch, args.image_size, args.steps, args.warmup,
-                    args.dtype, args.use_compile, args.device, args.num_classes, args.ours_python)
+                    args.dtype, args.use_compile, args.device, args.num_classes, args.ours_python,
+                    impls=[IMPL_FLAGS[i] for i in impl_flags],
+                    ours_args=shlex.split(args.ours_args), jsonl_out=args.jsonl_out)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=2)

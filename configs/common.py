@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       decay_every_samples=0,  # > 0 overrides decay_every_epochs (the JFT recipe decays by samples)
       staircase=True,
       warmup_epochs=0.0,
+      warmup_steps=0,  # > 0 overrides warmup_epochs (short fine-tuning runs count in steps)
   ))
   c.weight_decay = 0.0  # L2 as 0.5 * wd * ||w||^2 (TF-Slim), i.e. grad += wd * w
   c.weight_decay_on = "kernels"  # kernels (conv and dense kernels) | all
@@ -86,7 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000
   c.checkpoint_keep = 3
-  c.init_from = ""  # a workdir or checkpoint step folder, or a Keras .h5 weight file
+  # A workdir or checkpoint step folder, a Keras weight file (.h5, .weights.h5, .keras), or
+  # keras:xception[_notop] / keras:inception_v3[_notop] (ImageNet weights, fetched and cached).
+  c.init_from = ""
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1 = all devices on the data axis
   return c
 

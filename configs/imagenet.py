@@ -8,9 +8,17 @@ dropout 0.5 before the logistic regression, Polyak averaging (EMA) of the weight
   python -m xception_jax.main --config=configs/imagenet.py --workdir=DIR
   python -m xception_jax.main --config=configs/imagenet.py:runlocal --workdir=DIR   # CPU, embedded data
 """
+import os
+import sys
+
 import ml_collections
 
-from configs import common
+# `configs` importable when this file is loaded from another working directory.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.append(_REPO)
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def recipe(model_name: str, weight_decay: float) -> ml_collections.ConfigDict:

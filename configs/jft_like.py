@@ -9,9 +9,17 @@ paper's figure 7/8 variant. Open Images V4 image-level labels: 19,995 classes (t
   python -m xception_jax.main --config=configs/jft_like.py:fc,model=inception_v3 --workdir=DIR
   python -m xception_jax.main --config=configs/jft_like.py:runlocal --workdir=DIR   # CPU, embedded
 """
+import os
+import sys
+
 import ml_collections
 
-from configs import common
+# `configs` importable when this file is loaded from another working directory.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.append(_REPO)
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -5,9 +5,17 @@ on first use. Expect eval top-1 >= 0.9 at the end.
 
   python -m xception_jax.main --config=configs/quickstart.py --workdir=/tmp/xception_quickstart
 """
+import os
+import sys
+
 import ml_collections
 
-from configs import common
+# `configs` importable when this file is loaded from another working directory.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.append(_REPO)
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -9,11 +9,19 @@ Xception's parameter count, within 1%), runlocal.
   python -m xception_jax.main --config=configs/spectrum.py:segments=4,budget=params --workdir=DIR
   python -m xception_jax.main --config=configs/spectrum.py:segments=8,runlocal --workdir=DIR
 """
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
-from configs import imagenet
+# `configs` importable when this file is loaded from another working directory.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.append(_REPO)
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -21,8 +21,9 @@
 # as SIGTERM (the main job saves a checkpoint and stops; rerun the same command to resume); a
 # second Ctrl-C kills them. (The processes themselves ignore the terminal's SIGINT, as every
 # background job of a script does, so that they all stop the same way at the same step.) If one process fails, the others are killed (they would otherwise
-# wait forever in a collective). Exit status: 0 if all succeeded, else the first failure's
-# (130 / 143 after Ctrl-C / SIGTERM).
+# wait forever in a collective). Exit status: 0 if all succeeded; 75 if the run saved a
+# checkpoint and stopped for preemption (SIGTERM; rerun to resume: see xception_jax/preemption.py);
+# else the first failure's (130 / 143 if the processes were stopped without saving).
 set -uo pipefail
 
 usage() {
@@ -112,6 +113,8 @@ for ((i = 0; i < num_processes; i++)); do
 done
 
 status=0
+saved=0
+preempted_status=75  # xception_jax.preemption.PREEMPTED_EXIT_STATUS: saved, resumable
 remaining=("${pids[@]}")
 while ((${#remaining[@]} > 0)); do
   finished=""
@@ -133,7 +136,9 @@ while ((${#remaining[@]} > 0)); do
     [[ "$pid" == "$finished" ]] || still+=("$pid")
   done
   remaining=("${still[@]+"${still[@]}"}")
-  if ((rc != 0 && status == 0)); then
+  if ((rc == preempted_status)); then
+    saved=1  # stopped at the step all processes agreed on; the others are saving it too
+  elif ((rc != 0 && status == 0)); then
     status=$rc
     if ((${#remaining[@]} > 0 && interrupted == 0)); then
       echo "launch/local.sh: process $finished exited with status $rc; killing the others." >&2
@@ -142,7 +147,9 @@ while ((${#remaining[@]} > 0)); do
   fi
 done
 wait "${prefixers[@]}"  # the last lines of output
-if ((status == 0 && signal_status != 0)); then
+if ((status == 0 && saved)); then
+  status=$preempted_status  # passed through: the caller (a scheduler, a sweep) can rerun
+elif ((status == 0 && signal_status != 0)); then
   status=$signal_status  # stopped on request: not a success, so that callers do not go on
 fi
 exit "$status"

@@ -17,6 +17,14 @@
 # claiming only GPU $SLURM_LOCALID (its default under SLURM). The workdir and the code must be
 # on a file system every node sees; rerunning the same command resumes from the workdir.
 #
+# Preemption and time limits: the job asks SLURM for SIGTERM to the batch shell 120 s before its
+# time limit (#SBATCH --signal=B:TERM@120, see --signal-before=) and may be requeued
+# (#SBATCH --requeue). The batch shell passes SIGTERM on to srun, which passes it to every
+# process; they agree on a step, save it, and exit with status 75 ("saved, resumable", see
+# xception_jax/preemption.py). On status 75 the batch script runs `scontrol requeue
+# $SLURM_JOB_ID`: the job goes back to the queue and, when it starts again, resumes from that
+# checkpoint. A job preempted by SLURM itself (PreemptMode=REQUEUE) is requeued by SLURM.
+#
 # Options:
 #   --nodes=N            nodes (default 1)
 #   --gpus-per-node=G    GPUs per node (default 8)
@@ -28,6 +36,8 @@
 #   --port=PORT          coordinator port (default: 61440 + job id % 4096, as JAX picks it)
 #   --log-dir=DIR        batch script and job log folder (default: REPO/logs/slurm)
 #   --sbatch=ARG         an extra sbatch option, repeatable (e.g. --sbatch=--constraint=a100)
+#   --signal-before=S    seconds before the time limit that SIGTERM comes (default 120)
+#   --no-requeue         neither #SBATCH --requeue nor a requeue on status 75
 #   --dry-run            print the batch script and the sbatch command instead of submitting
 set -euo pipefail
 
@@ -43,7 +53,7 @@ positive_int() {  # name value
 
 nodes=1 gpus_per_node=8 per=gpu partition="" account="" qos="" time_limit="24:00:00"
 cpus_per_task="" job_name="xception_jax" python="" port="" log_dir="$repo_root/logs/slurm"
-extra_sbatch=() dry_run=0
+extra_sbatch=() dry_run=0 signal_before=120 requeue=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --) shift; break ;;
@@ -60,11 +70,13 @@ while [[ $# -gt 0 ]]; do
     --port=*) port="${1#*=}" ;;
     --log-dir=*) log_dir="${1#*=}" ;;
     --sbatch=*) extra_sbatch+=("${1#*=}") ;;
+    --signal-before=*) signal_before="${1#*=}" ;;
+    --no-requeue) requeue=0 ;;
     --dry-run) dry_run=1 ;;
     -h|--help) usage ;;
     *) die "unknown option '$1' (valid: --nodes= --gpus-per-node= --per= --partition= --account=" \
            "--qos= --time= --cpus-per-task= --job-name= --python= --port= --log-dir= --sbatch=" \
-           "--dry-run; main args go after '--')." ;;
+           "--signal-before= --no-requeue --dry-run; main args go after '--')." ;;
   esac
   shift
 done
@@ -74,6 +86,7 @@ positive_int --nodes "$nodes"
 positive_int --gpus-per-node "$gpus_per_node"
 [[ -z "$cpus_per_task" ]] || positive_int --cpus-per-task "$cpus_per_task"
 [[ -z "$port" ]] || positive_int --port "$port"
+positive_int --signal-before "$signal_before"
 case "$per" in
   gpu) tasks_per_node="$gpus_per_node" ;;
   host) tasks_per_node=1 ;;
@@ -114,7 +127,9 @@ sbatch_lines=(
   "--gpus-per-node=$gpus_per_node"
   "--time=$time_limit"
   "--output=$log_dir/%x-%j.out"
+  "--signal=B:TERM@$signal_before"
 )
+((requeue == 0)) || sbatch_lines+=("--requeue")
 [[ -z "$cpus_per_task" ]] || sbatch_lines+=("--cpus-per-task=$cpus_per_task")
 [[ -z "$partition" ]] || sbatch_lines+=("--partition=$partition")
 [[ -z "$account" ]] || sbatch_lines+=("--account=$account")
@@ -137,7 +152,27 @@ export PYTHONPATH=$(quote "$repo_root")\${PYTHONPATH:+:\$PYTHONPATH}
 XJ_COORDINATOR=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | sed -n 1p):$port_expr\"
 export XJ_COORDINATOR
 echo \"coordinator \$XJ_COORDINATOR, \$SLURM_NTASKS processes\" >&2
-srun --kill-on-bad-exit=1 bash -c $(quote "$task_command") $(quote_all "$python" "${main_args[@]}")
+# SIGTERM (--signal=B:TERM@...) reaches this shell only: pass it on to srun, which passes it to
+# every process. The processes save the step they agree on and exit with 75 together.
+srun_pid=\"\" term=0
+trap 'term=1; echo \"SIGTERM: the processes save a checkpoint and stop\" >&2; [[ -z \"\$srun_pid\" ]] || kill -TERM \"\$srun_pid\" 2>/dev/null' TERM
+srun --kill-on-bad-exit=1 bash -c $(quote "$task_command") $(quote_all "$python" "${main_args[@]}") &
+srun_pid=\$!
+((term == 0)) || kill -TERM \"\$srun_pid\" 2>/dev/null  # the signal came while srun started
+while kill -0 \"\$srun_pid\" 2>/dev/null; do  # a trap makes wait return early: wait again
+  wait \"\$srun_pid\" || true
+done
+status=0
+wait \"\$srun_pid\" || status=\$?  # bash keeps the exit status of a finished job
+"
+if ((requeue)); then
+  script+="if ((status == 75)); then  # saved, resumable (xception_jax/preemption.py)
+  echo \"Saved for preemption: requeueing job \$SLURM_JOB_ID\" >&2
+  scontrol requeue \"\$SLURM_JOB_ID\"
+fi
+"
+fi
+script+="exit \"\$status\"
 "
 
 script_path="$log_dir/$job_name.sbatch"

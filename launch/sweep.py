@@ -40,6 +40,11 @@ import sys
 from typing import Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+from xception_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
+from xception_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 LAUNCHERS = ("local", "tpu", "slurm")
 CLUSTER_SCRIPTS = {"tpu": os.path.join("launch", "tpu_vm.sh"),
                    "slurm": os.path.join("launch", "slurm.sh")}
@@ -90,20 +95,18 @@ class RunStatus:
 
 
 def run_status(workdir: str) -> RunStatus:
-  """Whether a run's workdir is absent, holds an unfinished run, or a finished one."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = []
-  if os.path.isdir(ckpt_dir):
-    # Orbax writes to "<step>.orbax-checkpoint-tmp..." and renames when complete: digits only.
-    steps = [int(name) for name in os.listdir(ckpt_dir) if name.isdigit()]
+  """Whether a run's workdir is absent, holds an unfinished run, or a finished one.
+
+  Local or gs://; only finished checkpoints count (workdir.checkpoint_steps).
+  """
+  steps = workdir_lib.checkpoint_steps(workdir)
   step = max(steps) if steps else None
   total = None
   try:
-    with open(os.path.join(workdir, "run.json")) as f:
-      total = int(json.load(f)["total_steps"])
-  except (FileNotFoundError, KeyError, ValueError, TypeError, json.JSONDecodeError):
+    total = int(paths.read_json(os.path.join(workdir, "run.json"))["total_steps"])
+  except (FileNotFoundError, KeyError, ValueError, TypeError):
     pass
-  if not os.path.isdir(workdir):
+  if not paths.Path(workdir).is_dir():
     return RunStatus("new", None, None)
   if step is not None and total is not None and step >= total:
     return RunStatus("finished", step, total)
@@ -203,18 +206,18 @@ def launcher_command(run: Run, launcher: str, launcher_args: Sequence[str],
 
 def _write_sweep_record(run: Run, command: Sequence[str]) -> None:
   """sweep.json in the workdir: the grid settings as the sweep named them, for reports."""
-  os.makedirs(run.workdir, exist_ok=True)
+  paths.makedirs(run.workdir)
   record = {"run_id": run.run_id, "settings": dict(run.settings), "seed": run.seed,
             "config": run.config, "overrides": list(run.overrides), "command": list(command)}
-  with open(os.path.join(run.workdir, "sweep.json"), "w") as f:
-    json.dump(record, f, indent=2)
+  paths.write_json(os.path.join(run.workdir, "sweep.json"), record)
 
 
 def _run_and_log(command: Sequence[str], log_path: str) -> int:
   """Runs `command`, streaming its output to the console and appending it to `log_path`."""
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  with open(log_path, "a") as log:
+  log = paths.open_append(log_path)  # gs://: rewritten at most every 30 s, and at the end
+  try:
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -223,11 +226,14 @@ def _run_and_log(command: Sequence[str], log_path: str) -> int:
       for line in process.stdout:
         sys.stdout.write(line)
         log.write(line)
+        log.flush()
     except KeyboardInterrupt:
       process.terminate()  # the main job saves a checkpoint on SIGTERM
       process.wait()
       raise
     return process.wait()
+  finally:
+    log.close()
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -330,6 +336,10 @@ def main(argv: Sequence[str]) -> int:
     rc = _run_and_log(wrapped, os.path.join(run.workdir, "sweep.log"))
     first_cluster_run = False
     started += 1
+    if rc == 75:  # xception_jax.preemption.PREEMPTED_EXIT_STATUS: saved, resumable
+      print(f"[sweep] {run.run_id}: preempted; its checkpoint is saved and the next sweep "
+            "command resumes it. Stopping the sweep here.", flush=True)
+      return 75
     if rc != 0:
       print(f"[sweep] {run.run_id}: FAILED with exit status {rc} (log: "
             f"{os.path.join(run.workdir, 'sweep.log')}); going on with the others.", flush=True)

@@ -3,6 +3,8 @@ import glob
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -19,10 +21,38 @@ def load_config(path, arg=None):
   return module.get_config(arg)
 
 
+# finetune.py's runlocal starts from Keras's ImageNet weights (a download); tests/test_finetune.py
+# runs it on a generated Keras file instead.
+RUNLOCAL_FILES = [p for p in CONFIG_FILES if os.path.basename(p) != "finetune.py"]
+
+
 def test_all_recipes_are_found():
   names = {os.path.basename(p) for p in CONFIG_FILES}
   assert {"imagenet.py", "inception_v3_imagenet.py", "jft_like.py", "spectrum.py",
-          "quickstart.py"} <= names
+          "quickstart.py", "finetune.py"} <= names
+
+
+def test_configs_load_from_another_working_directory(tmp_path):
+  """--config=/abs/path/configs/X.py from any folder, through ml_collections' flag as main.py."""
+  script = "\n".join([
+      "import sys",
+      "from absl import flags",
+      "from ml_collections import config_flags",
+      "config_flags.DEFINE_config_file('config', None, '')",
+      "original = list(sys.path)",
+      "for path in sys.argv[1:]:",  # each file on its own: none may rely on another's sys.path
+      "  sys.path[:] = original",
+      "  for name in [m for m in sys.modules if m == 'configs' or m.startswith('configs.')]:",
+      "    del sys.modules[name]",
+      "  flags.FLAGS.unparse_flags()",
+      "  flags.FLAGS(['main', '--config=' + path + ':runlocal'])",
+      "  print(flags.FLAGS.config.model_name)",
+  ])
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # `configs` not importable
+  result = subprocess.run([sys.executable, "-c", script, *map(os.path.abspath, CONFIG_FILES)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(result.stdout.split()) == len(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -48,7 +78,7 @@ def test_recipes_have_the_papers_settings():
               "rmsprop_tf", 0.001, 0.9, 3_000_000, "sigmoid", (4096, 4096), "open_images_v4")
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+@pytest.mark.parametrize("path", RUNLOCAL_FILES, ids=os.path.basename)
 def test_runlocal_runs_two_steps(path, tmp_path):
   config = load_config(path, "runlocal")
   config.total_steps = 2

@@ -155,3 +155,18 @@ def test_unknown_dataset_and_missing_manual_download_fail_fast(tmp_path):
   assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
   with pytest.raises(FileNotFoundError, match="'cifar10' is not prepared .* `tfds build cifar10"):
     data.dataset_info(_config(str(tmp_path), dataset="cifar10"))
+
+
+def test_tensorflow_is_shown_no_gpus(monkeypatch):
+  """The pipeline hides GPUs from TensorFlow (a GPU build would take their memory from JAX)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from xception_jax.data import pipeline  # pylint: disable=g-import-not-at-top,unused-import
+  from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
+  assert not tf.config.get_visible_devices("GPU")
+  calls = []
+  monkeypatch.setattr(tf.config, "list_physical_devices",
+                      lambda kind: ["/physical_device:GPU:0"] if kind == "GPU" else [])
+  monkeypatch.setattr(tf.config, "set_visible_devices",
+                      lambda devices, kind: calls.append((list(devices), kind)))
+  tf_host.hide_accelerators()
+  assert calls == [([], "GPU")]

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -180,7 +181,7 @@ def test_slurm_dry_run_script_starts_one_process_per_gpu_or_host(
   assert directives == ["--job-name=xception_jax", "--nodes=2",
                         f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=4",
                         "--time=1:00:00", f"--output={tmp_path}/logs/%x-%j.out",
-                        "--partition=gpu"]
+                        "--signal=B:TERM@120", "--requeue", "--partition=gpu"]
 
   # Run the batch script as SLURM would (2 nodes), with stand-ins printing what each task got.
   script_file = tmp_path / "job.sh"
@@ -219,7 +220,60 @@ def test_slurm_submits_the_script_it_prints(tmp_path):
   assert (tmp_path / "submitted.sh").read_text() == _slurm_script(dry.stdout)[0]
 
 
+def _preemptible_job(tmp_path, srun_body):
+  """The batch script with stand-ins: scontrol logs its argv; srun runs `srun_body`."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _write_executable(bin_dir / "scontrol", f"""
+      #!/bin/bash
+      if [[ "$1" == show ]]; then echo node-07; exit 0; fi
+      echo "$*" >> {tmp_path}/scontrol.log
+      """)
+  _write_executable(bin_dir / "srun", "#!/bin/bash\n" + textwrap.dedent(srun_body))
+  result = _run([SLURM_SH, "--python=/usr/bin/python3", f"--log-dir={tmp_path}", "--dry-run",
+                 "--", "--workdir=w"])
+  assert result.returncode == 0, result.stderr
+  script_file = tmp_path / "job.sh"
+  script_file.write_text(_slurm_script(result.stdout)[0])
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-07",
+         "SLURM_JOB_ID": "5000", "SLURM_NTASKS": "1"}
+  return script_file, env
+
+
+def test_slurm_job_requeues_itself_when_the_run_saved_for_preemption(tmp_path):
+  script, env = _preemptible_job(tmp_path, "exit 75\n")
+  ran = _run(["bash", str(script)], env=env, cwd=tmp_path)
+  assert ran.returncode == 75
+  assert (tmp_path / "scontrol.log").read_text() == "requeue 5000\n"
+  assert "requeueing job 5000" in ran.stderr
+
+  (tmp_path / "failed").mkdir()
+  script, env = _preemptible_job(tmp_path / "failed", "exit 1\n")
+  ran = _run(["bash", str(script)], env=env, cwd=tmp_path)
+  assert ran.returncode == 1 and not (tmp_path / "failed" / "scontrol.log").exists()
+
+
+def test_slurm_batch_shell_passes_sigterm_on_to_srun(tmp_path):
+  """--signal=B:TERM@120 signals the batch shell only; it must reach the processes."""
+  script, env = _preemptible_job(tmp_path, f"""
+      trap 'echo got-term >> {tmp_path}/srun.log; kill $!; exit 75' TERM
+      echo started >> {tmp_path}/srun.log
+      sleep 60 & wait
+      """)
+  job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not (tmp_path / "srun.log").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  job.send_signal(signal.SIGTERM)
+  _, err = job.communicate(timeout=30)
+  assert job.returncode == 75, err
+  assert (tmp_path / "srun.log").read_text() == "started\ngot-term\n"
+  assert (tmp_path / "scontrol.log").read_text() == "requeue 5000\n"
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--no-requeue", "--signal-before=0"], "--signal-before must be a positive integer"),
     (["--per=node"], "--per must be 'gpu'"),
     (["--nodes=0"], "--nodes must be a positive integer"),
     (["--gpus-per-node=x"], "--gpus-per-node must be a positive integer"),
@@ -274,6 +328,23 @@ def test_local_sh_passes_sigterm_on_and_reports_it(tmp_path):
   out, _ = process.communicate(timeout=30)
   assert process.returncode == 143
   assert "[process 0] saving and stopping" in out and "[process 1] saving and stopping" in out
+
+
+def test_local_sh_passes_the_preempted_status_through(tmp_path):
+  """Exit 75 (saved, resumable) is not a failure: the others are not killed, 75 comes out."""
+  python = _write_executable(tmp_path / "python", """
+      #!/bin/bash
+      if [[ "$1" == "-c" ]]; then exec python3 "$@"; fi
+      for arg in "$@"; do
+        [[ "$arg" == --process_id=1 ]] && { sleep 1; echo "saved too"; exit 75; }
+      done
+      echo "saved"
+      exit 75
+      """)
+  result = _run([LOCAL_SH, "2", "--workdir=w"], env={**os.environ, "PYTHON": python}, timeout=30)
+  assert result.returncode == 75, result.stderr
+  assert "[process 1] saved too" in result.stdout  # not killed when process 0 stopped first
+  assert "killing the others" not in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -341,3 +412,34 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
   assert len(leaves_two) == len(leaves_one) > 0
   for a, b in zip(leaves_two, leaves_one):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_after_sigterm_to_one(tmp_path):
+  """JAX's preemption sync: SIGTERM to process 1 alone; both save the same step and exit 75."""
+  args = ["--config=configs/quickstart.py:runlocal", "--config.dataset=synthetic",
+          "--config.num_classes=10", "--config.image_size=72", "--config.batch_size=8",
+          "--config.eval_batch_size=1000", "--config.total_steps=400",
+          "--config.log_every_steps=1", "--config.eval_every_steps=1000",
+          "--config.checkpoint_every_steps=1000", f"--workdir={tmp_path}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO, DEVICES_PER_PROCESS="1")
+  job = subprocess.Popen([LOCAL_SH, "2", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 500
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.2)
+  worker = subprocess.run(["pgrep", "-f", "--", f"--workdir={tmp_path} .*--process_id=1"],
+                          capture_output=True, text=True).stdout.split()
+  assert len(worker) == 1, worker
+  os.kill(int(worker[0]), signal.SIGTERM)
+  out, _ = job.communicate(timeout=300)
+  assert job.returncode == 75, out[-5000:]
+  stops = [line for line in out.splitlines() if "Stopped at step" in line]
+  assert len(stops) == 2, out[-5000:]
+  steps = {line.split("Stopped at step ")[1].split(" ")[0] for line in stops}
+  assert len(steps) == 1, stops  # the same step on both processes
+  step = int(steps.pop())
+  from xception_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  assert workdir_lib.checkpoint_steps(tmp_path) == [step] and step < 400

@@ -135,6 +135,11 @@ def test_constant_and_cosine_schedules():
   np.testing.assert_allclose(float(sched(350)), 0.3 * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-5)
   np.testing.assert_allclose(float(sched(1100)), 0.0, atol=1e-7)
 
+  c.lr.warmup_steps = 20  # overrides warmup_epochs: 20 warmup steps, cosine over 20..1100
+  sched = optim.learning_rate_schedule(c, 100.0, total_steps=1100)
+  np.testing.assert_allclose(float(sched(10)), 0.15, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(560)), 0.15, rtol=1e-5)
+
 
 @pytest.mark.parametrize("key,value,message", [
     ("optimizer.name", "adam", "config.optimizer.name='adam'.*sgd.*rmsprop_tf.*rmsprop_keras"),

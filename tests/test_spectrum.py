@@ -15,6 +15,7 @@ from xception_jax import models
 from xception_jax.models import costs
 from xception_jax.models import layers
 from xception_jax.models import xception as xception_lib
+from xception_jax.models import xception_costs
 
 
 def _apply_layer(layer, x, seed=0):
@@ -207,4 +208,4 @@ def test_macs_at_299_match_the_published_figure():
   cost = costs.model_cost("xception")
   assert cost.macs_total == sum(cost.macs_per_stage.values())
   assert abs(cost.macs_total / 1e9 - 8.36) < 0.01
-  assert set(cost.macs_per_stage) == set(costs.STAGES)
+  assert set(cost.macs_per_stage) == set(xception_costs.STAGES)

@@ -16,7 +16,10 @@ import pytest
 from xception_jax import models
 from xception_jax.models import budget as budget_lib
 from xception_jax.models import costs
+from xception_jax.models import head
 from xception_jax.models import layers
+from xception_jax.models import xception_arch
+from xception_jax.models import xception_costs
 
 
 def _count(tree):
@@ -210,6 +213,36 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
                              atol=0.1 * float(jnp.abs(reference).max()))
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(residual=False, num_middle_blocks=0),
+                                    dict(fc_layers=(16, 8), segments=2, order="pointwise_first"),
+                                    dict(num_classes=0, fc_layers=(16,))])
+def test_the_description_names_every_variable_of_the_module(kwargs):
+  """Walking xception_arch's description (stem, blocks) and the head yields exactly the module's
+  variables, with the widths of the slots each layer maps between."""
+  model = models.create("xception_tiny", **kwargs)
+  arch = model.architecture()
+  variables = _shapes(model)
+  params = variables["params"]
+  convs = [(conv.name, conv.out_slot) for conv in xception_arch.STEM]  # (name, output slot)
+  separables = []
+  for block in xception_arch.blocks(arch.num_middle_blocks):
+    separables += block.layers
+    if arch.shortcut(block) == "conv":
+      convs.append((block.shortcut_name, block.out_slot))
+      assert params[block.shortcut_name]["kernel"].shape[:2] == (1, 1)
+  for name, slot in convs:
+    assert params[name]["kernel"].shape[-1] == arch.width(slot)
+  for layer in separables:
+    assert params[layer.name]["pointwise"]["kernel"].shape == (
+        1, 1, arch.width(layer.in_slot), arch.width(layer.out_slot))
+  assert [layer.name for layer in separables] == [name for name, _ in arch.layer_segments]
+  body = [name for name, _ in convs] + [layer.name for layer in separables]
+  norms = {xception_arch.bn_name(name) for name in body}
+  classifier = [head.fc_name(i) for i in range(len(arch.fc_layers))] + [head.CLASSIFIER_NAME]
+  assert set(params) == {*body, *norms, *(classifier if arch.num_classes else ())}
+  assert set(variables["batch_stats"]) == norms
+
+
 def test_width_multiplier_and_middle_blocks_shape_the_network():
   tiny = models.create("xception_tiny").architecture()
   assert tiny.widths == (8, 8, 16, 32, 88, 128, 192, 256) and tiny.num_middle_blocks == 1
@@ -233,6 +266,15 @@ def test_registry_names_and_errors():
   # Registry defaults are overridable; dicts from configs make hashable modules.
   model = models.create("xception_tiny", num_middle_blocks=2, segments={"middle": 4})
   assert model.architecture().num_middle_blocks == 2 and hash(model) == hash(model.clone())
+
+
+def test_validation_does_not_depend_on_what_was_cached():
+  """1 == True: a cache keyed on raw settings let residual=1 through after residual=True."""
+  models.create("xception_tiny", residual=True, segments=1)
+  with pytest.raises(ValueError, match="residual must be True or False, got 1"):
+    models.create("xception_tiny", residual=1, segments=1)
+  with pytest.raises(ValueError, match="segments=True is not valid"):
+    models.create("xception_tiny", segments=True)
 
 
 @pytest.mark.parametrize("setting", [dict(segments=1), dict(segments=4), dict(group_width=16),
@@ -260,7 +302,7 @@ def test_budget_solver_matches_xception_params_within_one_percent(setting):
 
 def test_budget_solver_with_an_explicit_target_and_an_impossible_one():
   arch = models.create("xception_small", segments=2, budget=2_000_000).architecture()
-  params = costs.xception_param_counts(arch)[0]
+  params = xception_costs.xception_param_counts(arch)[0]
   assert abs(params / 2_000_000 - 1) <= 0.01
   with pytest.raises(ValueError, match=r"no widths within 1.0% of 1,000 parameters"):
     models.create("xception", segments=1, budget=1000)

@@ -1,10 +1,21 @@
-"""Imports Keras Applications weight files (.h5) into our Xception and Inception V3 modules.
+"""Imports Keras Xception and Inception V3 weight files into our modules, in three formats.
 
-This is how users start from the published ImageNet weights: `keras.applications` ships
-`xception_weights_tf_dim_ordering_tf_kernels[_notop].h5` and
-`inception_v3_weights_tf_dim_ordering_tf_kernels[_notop].h5` in the legacy Keras 2 HDF5 layout
-(root attribute `layer_names`; per layer group an attribute `weight_names`), the layout tf-keras's
-`model.save_weights("x.h5")` still writes.
+This is how users start from the published ImageNet weights (`keras_weights` fetches them:
+`init_from=keras:xception`) or from a Keras model of their own. The format is recognised from the
+file's content, not its name:
+  * legacy Keras 2 HDF5 (`.h5`): what `keras.applications` publishes
+    (`xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`,
+    `inception_v3_weights_tf_dim_ordering_tf_kernels[_notop].h5`) and tf-keras's
+    `model.save_weights("x.h5")` writes: root attribute `layer_names`, per layer group an
+    attribute `weight_names`, layers in the model's order;
+  * Keras 3 `.weights.h5` (`model.save_weights`): variables under `layers/<key>/vars/<i>`, where
+    the key is the layer's class in snake case numbered in the model's layer order (`conv2d`,
+    `conv2d_1`, ..., `batch_normalization_3`; the layer's own name is an attribute of `vars`);
+    the h5 groups themselves are unordered, so the file's layer order is rebuilt from our model's:
+    the k-th `separable_conv2d` of the file is the k-th separable conv of the network in Keras's
+    order, and so on per class;
+  * Keras 3 `.keras` archives (`model.save`): a zip holding `config.json` and `model.weights.h5`
+    in the Keras 3 layout above.
 
 Layers are matched by their ORDER in the file, as Keras's own loader does, never by name: layer
 names are auto-generated for most of Inception V3 (`conv2d_17`, `batch_normalization_17`) and the
@@ -13,8 +24,8 @@ session's counter stands). Keras stores a functional model's layers sorted by de
 to the output, deepest first), ties broken by the order a depth-first walk back from the output
 meets them; that is neither creation order nor ours. For Inception V3 we rebuild the Keras layer
 graph from the module's own description (`inception_v3.STEM` / `BLOCKS`) and sort it the same way;
-for Xception the order is short enough to write down (each block's shortcut conv comes after its
-main path, being closer to the output).
+for Xception we walk its description (`xception_arch.STEM` / `blocks`), putting each block's
+shortcut conv after its main path (being closer to the output).
 
 Layouts: Keras depthwise kernels are (3, 3, C, 1); our depthwise (grouped, C segments) kernels are
 (3, 3, 1, C). Everything else has the same layout. Inception V3's batch norms have no scale.
@@ -32,9 +43,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import functools
+import io
 import logging
 import os
+import re
 import warnings
+import zipfile
 from typing import Any
 
 import flax.linen as nn
@@ -43,8 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax.models import head
 from xception_jax.models import inception_v3 as inception_v3_lib
 from xception_jax.models import xception as xception_lib
+from xception_jax.models import xception_arch
 
 # Where one Keras weight goes in our variables: (collection, path inside it).
 LeafPath = tuple[str, tuple[str, ...]]
@@ -55,9 +71,11 @@ class _Target:
   """One of our layers that takes one Keras layer's weights, listed in Keras's weight order.
 
   `depthwise` marks a (3, 3, C, 1) Keras depthwise kernel going into a (3, 3, 1, C) grouped one.
+  `keras_class` is the Keras layer class in snake case, as Keras 3 files key their layers.
   """
   layer: str
   leaves: tuple[LeafPath, ...]
+  keras_class: str
   depthwise: tuple[bool, ...] = ()
 
   def is_depthwise(self, i: int) -> bool:
@@ -102,29 +120,96 @@ def _decode(value: Any) -> str:
   return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
-def read_keras_h5(path: str | os.PathLike) -> list[_KerasLayer]:
-  """The layers with weights of a legacy Keras 2 HDF5 weight file, in stored order."""
-  path = os.fspath(path)
+_ARCHIVE_WEIGHTS = "model.weights.h5"  # where a .keras archive keeps its variables
+_FORMATS = ("a legacy Keras 2 .h5 weight file (keras.applications' published files, tf_keras "
+            "save_weights), a Keras 3 .weights.h5 file (model.save_weights) or a Keras 3 .keras "
+            "archive (model.save)")
+
+
+def _open(path: str) -> h5py.File:
+  """The HDF5 file at `path`, or inside it when it is a .keras archive; clear errors otherwise."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"Keras weight file {path!r} does not exist")
-  with h5py.File(path, "r") as f:
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+      if _ARCHIVE_WEIGHTS not in names:
+        raise ValueError(f"{path}: a zip archive without {_ARCHIVE_WEIGHTS} (it holds "
+                         f"{names[:6]}); expected {_FORMATS}.")
+      return h5py.File(io.BytesIO(archive.read(_ARCHIVE_WEIGHTS)), "r")
+  if not h5py.is_hdf5(path):
+    raise ValueError(f"{path}: neither an HDF5 file nor a zip archive; expected {_FORMATS}.")
+  return h5py.File(path, "r")
+
+
+def _array(dataset: h5py.Dataset) -> np.ndarray:
+  value = np.asarray(dataset[()])
+  if dataset.attrs.get("dtype") == "bfloat16":  # Keras 3 stores bfloat16 variables as raw 2 bytes
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    value = value.view(ml_dtypes.bfloat16)
+  return value.astype(np.float32)
+
+
+def _read_legacy(group: h5py.Group) -> list[_KerasLayer]:
+  """The layers with weights of the legacy layout, in stored (the model's) order."""
+  result = []
+  for name in (_decode(n) for n in group.attrs["layer_names"]):
+    layer_group = group[name]
+    weight_names = tuple(_decode(w) for w in layer_group.attrs.get("weight_names", ()))
+    if not weight_names:
+      continue
+    arrays = tuple(_array(layer_group[w]) for w in weight_names)
+    result.append(_KerasLayer(len(result), name, weight_names, arrays))
+  return result
+
+
+def _read_keras3(f: h5py.File, path: str, classes: Sequence[str]) -> list[_KerasLayer]:
+  """The layers of a Keras 3 weights file, put in the model's order (see the module docstring).
+
+  `classes` lists the Keras class of each of our body layers in Keras's order; a trailing
+  `dense` layer in the file is the classifier.
+  """
+  by_class: dict[str, list[tuple[int, str]]] = {}
+  for key, group in f["layers"].items():
+    if len(group.get("vars", ())):
+      match = re.fullmatch(r"(.+?)(?:_(\d+))?", key)
+      by_class.setdefault(match.group(1), []).append((int(match.group(2) or 0), key))
+  found = {c: len(keys) for c, keys in sorted(by_class.items())}
+  wanted = {c: classes.count(c) for c in sorted(set(classes))}
+  if {c: n for c, n in found.items() if c != "dense"} != wanted or found.get("dense", 0) > 1:
+    raise ValueError(
+        f"{path}: its layers with weights are {found}, the model expects {wanted} (plus at most "
+        "one dense classifier). Is this a Keras file of this network, saved from the model "
+        "itself (keras.applications, not nested inside another model)?")
+  queues = {c: [key for _, key in sorted(keys)] for c, keys in by_class.items()}
+  result = []
+  for keras_class in list(classes) + ["dense"] * found.get("dense", 0):
+    key = queues[keras_class].pop(0)
+    variables = f["layers"][key]["vars"]
+    names = sorted(variables, key=int)
+    result.append(_KerasLayer(len(result), _decode(variables.attrs.get("name", key)),
+                              tuple(f"layers/{key}/vars/{n}" for n in names),
+                              tuple(_array(variables[n]) for n in names)))
+  return result
+
+
+def read_keras_file(path: str | os.PathLike, classes: Sequence[str]) -> list[_KerasLayer]:
+  """The layers with weights of a Keras weight file (any of the three formats), in model order.
+
+  `classes`: the Keras class of each body layer of the model, in Keras's order; used only to
+  order a Keras 3 file's layers (a legacy file stores its order).
+  """
+  path = os.fspath(path)
+  with _open(path) as f:
     group = f
     if "layer_names" not in f.attrs and "model_weights" in f:
-      group = f["model_weights"]  # a full-model file from model.save("x.h5")
-    if "layer_names" not in group.attrs:
-      raise ValueError(
-          f"{path}: not a legacy Keras 2 HDF5 weight file (no root attribute 'layer_names'). "
-          "Expected the keras.applications .h5 files or tf_keras model.save_weights('x.h5'); "
-          "Keras 3 '.weights.h5' files use a different layout.")
-    result = []
-    for name in (_decode(n) for n in group.attrs["layer_names"]):
-      layer_group = group[name]
-      weight_names = tuple(_decode(w) for w in layer_group.attrs.get("weight_names", ()))
-      if not weight_names:
-        continue
-      arrays = tuple(np.asarray(layer_group[w], dtype=np.float32) for w in weight_names)
-      result.append(_KerasLayer(len(result), name, weight_names, arrays))
-  return result
+      group = f["model_weights"]  # a full-model file from tf_keras model.save("x.h5")
+    if "layer_names" in group.attrs:
+      return _read_legacy(group)
+    if "layers" in f:
+      return _read_keras3(f, path, classes)
+  raise ValueError(f"{path}: no Keras weights in it (no root attribute 'layer_names' and no "
+                   f"'layers' group); expected {_FORMATS}.")
 
 
 def _is_dense(layer: _KerasLayer) -> bool:
@@ -185,23 +270,24 @@ class _KerasGraph:
 
 
 def _conv(path: tuple[str, ...]) -> _Target:
-  return _Target("/".join(path), (("params", path + ("kernel",)),))
+  return _Target("/".join(path), (("params", path + ("kernel",)),), "conv2d")
 
 
 def _batch_norm(path: tuple[str, ...], scale: bool = True) -> _Target:
   leaves = (("params", path + ("scale",)),) if scale else ()
   leaves += (("params", path + ("bias",)), ("batch_stats", path + ("mean",)),
              ("batch_stats", path + ("var",)))
-  return _Target("/".join(path), leaves)
+  return _Target("/".join(path), leaves, "batch_normalization")
 
 
 def _separable(name: str) -> _Target:
   return _Target(name, (("params", (name, "spatial", "kernel")),
-                        ("params", (name, "pointwise", "kernel"))), depthwise=(True, False))
+                        ("params", (name, "pointwise", "kernel"))), "separable_conv2d",
+                 depthwise=(True, False))
 
 
 def _dense(name: str) -> _Target:
-  return _Target(name, (("params", (name, "kernel")), ("params", (name, "bias"))))
+  return _Target(name, (("params", (name, "kernel")), ("params", (name, "bias"))), "dense")
 
 
 def _inception_v3_body() -> list[_Target]:
@@ -237,45 +323,30 @@ def _inception_v3_body() -> list[_Target]:
 def _xception_body(model: xception_lib.Xception) -> list[_Target]:
   """Xception's layers in the order Keras stores them.
 
-  Within a block Keras lists the main path before the 1x1 shortcut conv and its BN: the shortcut
-  is the shorter path to the block's output, so it is shallower.
+  That is the order of the network's description, except that within a block Keras lists the main
+  path before the 1x1 shortcut conv and its BN: the shortcut is the shorter path to the block's
+  output, so it is shallower.
   """
   arch = model.architecture()
-  blocks = xception_lib.block_names(arch.num_middle_blocks)
+  bn = xception_arch.bn_name
   targets = []
-  for conv in ("block1_conv1", "block1_conv2"):
-    targets += [_conv((conv,)), _batch_norm((f"{conv}_bn",))]
-
-  def separable_bn(name: str) -> None:
-    targets.extend([_separable(name), _batch_norm((f"{name}_bn",))])
-
-  def shortcut(block: str) -> None:
-    if arch.residual:
-      targets.extend([_conv((f"{block}_shortcut",)), _batch_norm((f"{block}_shortcut_bn",))])
-
-  for block in blocks["entry"]:
-    separable_bn(f"{block}_sepconv1")
-    separable_bn(f"{block}_sepconv2")
-    shortcut(block)
-  for block in blocks["middle"]:
-    for j in (1, 2, 3):
-      separable_bn(f"{block}_sepconv{j}")
-  block13, block14 = blocks["exit"]
-  separable_bn(f"{block13}_sepconv1")
-  separable_bn(f"{block13}_sepconv2")
-  shortcut(block13)
-  separable_bn(f"{block14}_sepconv1")
-  separable_bn(f"{block14}_sepconv2")
+  for conv in xception_arch.STEM:
+    targets += [_conv((conv.name,)), _batch_norm((bn(conv.name),))]
+  for block in xception_arch.blocks(arch.num_middle_blocks):
+    for layer in block.layers:
+      targets += [_separable(layer.name), _batch_norm((bn(layer.name),))]
+    if arch.shortcut(block) == "conv":
+      targets += [_conv((block.shortcut_name,)), _batch_norm((bn(block.shortcut_name),))]
   return targets
 
 
 def _model_layout(model: nn.Module) -> tuple[str, list[_Target], int, str]:
   """(description, body targets in Keras order, minimum input size, classifier name)."""
   if isinstance(model, inception_v3_lib.InceptionV3):
-    return ("Inception V3", _inception_v3_body(), inception_v3_lib.MIN_INPUT_SIZE,
-            inception_v3_lib.CLASSIFIER_NAME)
+    return ("Inception V3", _inception_v3_body(), inception_v3_lib.MIN_IMAGE_SIZE,
+            head.CLASSIFIER_NAME)
   if isinstance(model, xception_lib.Xception):
-    return "Xception", _xception_body(model), xception_lib.MIN_IMAGE_SIZE, "predictions"
+    return "Xception", _xception_body(model), xception_arch.MIN_IMAGE_SIZE, head.CLASSIFIER_NAME
   raise TypeError(f"from_keras_h5 supports xception_jax Xception and InceptionV3 modules; got "
                   f"{type(model).__name__}")
 
@@ -322,11 +393,12 @@ def _leaf_name(leaf: LeafPath) -> str:
 
 def import_keras_h5(path: str | os.PathLike, model: nn.Module,
                     rng: jax.Array | None = None) -> KerasImport:
-  """Reads a Keras Applications .h5 weight file into `model`'s variables, matching by layer order.
+  """Reads a Keras weight file into `model`'s variables, matching layers by their order.
 
   Args:
-    path: a legacy Keras 2 HDF5 weight file (keras.applications download, or tf_keras
-      `save_weights('x.h5')`) of Xception or Inception V3, with or without top.
+    path: Keras Xception or Inception V3 weights, with or without top: a legacy Keras 2 HDF5
+      file (keras.applications download, tf_keras `save_weights('x.h5')`), a Keras 3
+      `.weights.h5` file or a Keras 3 `.keras` archive.
     model: our `Xception` (at its reference architecture: depthwise, depthwise-first, residual)
       or `InceptionV3` module; any class count, with or without head.
     rng: key for the leaves the file cannot provide (the head on a class-count change);
@@ -340,7 +412,7 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
   abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, min_size, min_size, 3), jnp.float32))
   expected = {(c,) + p: v.shape for c in abstract for p, v in _flatten(abstract[c]).items()}
-  file_layers = read_keras_h5(path)
+  file_layers = read_keras_file(path, [target.keras_class for target in body])
 
   file_head = file_layers[-1] if file_layers and _is_dense(file_layers[-1]) else None
   file_body = file_layers[:-1] if file_head is not None else file_layers
@@ -428,7 +500,7 @@ def import_keras_h5(path: str | os.PathLike, model: nn.Module,
 
 def from_keras_h5(path: str | os.PathLike, model: nn.Module,
                   rng: jax.Array | None = None) -> dict[str, Any]:
-  """{'params', 'batch_stats'} for `model` from a Keras Applications .h5 file (see import_keras_h5).
+  """{'params', 'batch_stats'} for `model` from a Keras weight file (see import_keras_h5).
 
   A head that cannot be imported (different class count, no top in the file) is initialised
   afresh and a warning names it; use `import_keras_h5` to get the list programmatically.

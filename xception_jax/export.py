@@ -1,6 +1,8 @@
 """Export a trained run for inference, and load the export back as a predictor.
 
-    python -m xception_jax.export --workdir=RUN_DIR --out=EXPORT_DIR [--step=N] [--raw-weights]
+    python -m xception_jax.export --workdir=RUN_DIR --out=EXPORT_DIR [--checkpoint=latest|best|STEP]
+        [--raw-weights]
+    python -m xception_jax.export --from=keras:xception --out=EXPORT_DIR   # ImageNet, no training
 
     from xception_jax import export
     predictor = export.load("EXPORT_DIR")
@@ -69,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax import paths
 from xception_jax.data import eval_preprocess
 
 FORMAT_NAME = "xception_jax.export"
@@ -154,16 +157,12 @@ def read_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(config.json, run.json) of a training workdir, with an error naming what is missing."""
   result = []
   for name in ("config.json", "run.json"):
-    path = os.path.join(workdir, name)
-    if not os.path.isfile(path):
+    path = paths.resolve(workdir) / name
+    if not path.is_file():
       raise FileNotFoundError(
           f"{path} not found: --workdir must be a training run's folder (written by "
           "`python -m xception_jax.main`), holding config.json, run.json and checkpoints/.")
-    with open(path) as f:
-      try:
-        result.append(json.load(f))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from e
+    result.append(paths.read_json(path))
   return result[0], result[1]
 
 
@@ -217,14 +216,16 @@ def _tensorflow_available() -> bool:
   return True
 
 
-def export_run(workdir: str, out: str, *, step: int | None = None, use_ema: bool = True,
+def export_run(workdir: str, out: str, *, step: int | str | None = None, use_ema: bool = True,
                saved_model: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Writes the export directory `out` from the training run in `workdir`; returns its metadata.
 
   Args:
-    workdir: a training workdir (config.json, run.json, checkpoints/<step>/).
-    out: the export directory to create.
-    step: the checkpoint step; None = the newest.
+    workdir: a training workdir (config.json, run.json, checkpoints/<step>/), local or gs://.
+    out: the export directory to create (local or gs://).
+    step: the checkpoint: an int, 'latest' (None) or 'best' (by run.json's best_metric).
+      While the run trains, a checkpoint it deletes during the read is picked again
+      (latest/best) or reported in one line (a fixed step).
     use_ema: export the EMA weights (default, what evaluation reports) or the raw ones.
     saved_model: also write a TF SavedModel. None = when TensorFlow is importable; True = required
       (error without TensorFlow); False = never.
@@ -233,14 +234,53 @@ def export_run(workdir: str, out: str, *, step: int | None = None, use_ema: bool
   import ml_collections  # pylint: disable=g-import-not-at-top  (export side only)
   from xception_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
-  _check_out_dir(os.path.abspath(out), overwrite)  # before the (slow) checkpoint read
+  workdir = os.fspath(paths.resolve(workdir))
+  _check_out_dir(out, overwrite)  # before the (slow) checkpoint read
   config_dict, run = read_run(workdir)
-  state = checkpointing.load_variables(workdir, step, use_ema=use_ema)
-  source = {"workdir": workdir, "step": int(state["step"]), "weights": "ema" if use_ema else "raw",
+  best_metric = run.get("best_metric") or config_dict.get("best_metric") or (
+      "eval/ema_map100" if run.get("multi_label") else "eval/ema_top1")
+  state = checkpointing.load_variables(workdir, step, use_ema=use_ema, best_metric=best_metric)
+  source = {"workdir": workdir, "step": int(state["step"]),
+            "checkpoint": "latest" if step is None else str(step),
+            "weights": "ema" if use_ema else "raw",
             "trained_with": {k: v for k, v in run.items() if k.endswith("_version")}}
   return write_export(out, ml_collections.ConfigDict(config_dict), run, state, source=source,
                       saved_model=saved_model, overwrite=overwrite)
+
+
+def export_keras(spec: str, out: str, *, image_size: int = 299, saved_model: bool | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+  """Writes an export of Keras Applications' ImageNet weights: `keras:xception` or
+  `keras:inception_v3`, fetched and cached by `keras_weights`. No training run is involved.
+
+  The export's class names are the 1,000 ImageNet classes in Keras's order (Keras's
+  human-readable names; their synset ids are kept as `class_ids` in export.json). The eval
+  preprocessing is this project's (central crop 0.875, bilinear resize, [-1, 1]).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top  (export side only)
+  from xception_jax import convert  # pylint: disable=g-import-not-at-top
+  from xception_jax import keras_weights  # pylint: disable=g-import-not-at-top
+  from xception_jax import models  # pylint: disable=g-import-not-at-top
+
+  weights = keras_weights.parse(spec, "--from")
+  if not weights.include_top:
+    raise ValueError(f"--from={spec}: those weights have no classifier; export the network with "
+                     f"its ImageNet classifier, --from=keras:{weights.model_name}.")
+  _check_out_dir(out, overwrite)  # before the download
+  config = ml_collections.ConfigDict(dict(
+      model_name=weights.model_name, model={}, dtype="float32", image_size=int(image_size),
+      input=dict(eval_crop_fraction=0.875), dataset="imagenet2012"))
+  model = models.create(weights.model_name, num_classes=keras_weights.NUM_IMAGENET_CLASSES)
+  path = keras_weights.fetch(keras_weights.FILES[weights.name])
+  classes = keras_weights.imagenet_classes()
+  variables = convert.from_keras_h5(path, model)
+  file = keras_weights.FILES[weights.name]
+  run = {"num_classes": keras_weights.NUM_IMAGENET_CLASSES, "loss": "softmax",
+         "multi_label": False, "class_names": list(classes.names),
+         "class_ids": list(classes.synsets), "model_class": type(model).__name__}
+  source = {"step": None, "weights": "keras", "keras": spec, "url": file.url, "md5": file.md5}
+  return write_export(out, config, run, variables, source=source, saved_model=saved_model,
+                      overwrite=overwrite)
 
 
 def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any], *,
@@ -256,7 +296,8 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
     config: a training config (ConfigDict): model_name, model, dtype, image_size,
       input.eval_crop_fraction, dataset.
     run: run.json's content: num_classes, loss ('softmax' | 'sigmoid'), multi_label,
-      class_names (or None), image_size (defaults to config.image_size).
+      class_names (or None), image_size (defaults to config.image_size), and optionally
+      class_ids (stable ids of the classes, e.g. ImageNet synsets).
     variables: {'params', 'batch_stats'} trees of arrays (other keys are ignored).
     source: where the weights come from, stored in the metadata; 'step' and 'weights'
       ('ema' | 'raw') are expected, anything else JSON-serialisable is kept as is.
@@ -266,6 +307,13 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
   """
   from xception_jax import train  # pylint: disable=g-import-not-at-top  (export side only)
 
+  if paths.is_remote(out):
+    _check_out_dir(out, overwrite)
+    with tempfile.TemporaryDirectory() as local:
+      metadata = write_export(os.path.join(local, "export"), config, run, variables,
+                              source=source, saved_model=saved_model)
+      _upload(os.path.join(local, "export"), paths.resolve(out))
+    return metadata
   out = os.path.abspath(out)
   _check_out_dir(out, overwrite)
   if saved_model is None:
@@ -345,6 +393,7 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
             "shape": ["batch", num_classes],
         },
         "class_names": list(class_names) if class_names is not None else None,
+        "class_ids": list(run["class_ids"]) if run.get("class_ids") is not None else None,
         "variables": {
             "file": VARIABLES_FILE,
             "weights": source.get("weights", "unknown"),
@@ -373,6 +422,7 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
                          for name in (VARIABLES_FILE, FUNCTION_FILE)}
     with open(os.path.join(staging, METADATA_FILE), "w") as f:  # last: marks the export complete
       json.dump(metadata, f, indent=2)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from others
     if os.path.exists(out):
       shutil.rmtree(out)  # _check_out_dir allowed it: an earlier export, or empty
     os.rename(staging, out)
@@ -382,7 +432,52 @@ def write_export(out: str, config, run: dict[str, Any], variables: dict[str, Any
   return metadata
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _upload(local: str, out: paths.Path) -> None:
+  """Copies a finished local export to a cloud folder, export.json last (it marks it complete)."""
+  if out.exists():
+    out.rmtree()  # _check_out_dir allowed it: an earlier export, or empty
+  files = sorted((os.path.relpath(os.path.join(root, name), local)
+                  for root, _, names in os.walk(local) for name in names),
+                 key=lambda name: name == METADATA_FILE)
+  for name in files:
+    target = out / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    paths.Path(os.path.join(local, name)).copy(target, overwrite=True)
+
+
+def _download(export_dir: paths.Path, local: str) -> str:
+  """A local copy of a cloud export folder (export.json first, so a partial export fails early)."""
+  if not (export_dir / METADATA_FILE).exists():
+    return os.fspath(export_dir)  # read_metadata names what is missing
+  files, folders = [export_dir / METADATA_FILE], [export_dir]
+  while folders:  # epath refuses '**' globs on gs://
+    for path in folders.pop().iterdir():
+      (folders if path.is_dir() else files).append(path)
+  for path in files:
+    target = os.path.join(local, os.path.relpath(os.fspath(path), os.fspath(export_dir)))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    path.copy(paths.Path(target), overwrite=True)
+  return local
+
+
 def _check_out_dir(out: str, overwrite: bool) -> None:
+  if paths.is_remote(out):
+    remote = paths.resolve(out)
+    entries = [p.name for p in remote.iterdir()] if remote.is_dir() else []
+    if entries and not overwrite:
+      raise ValueError(f"--out={out} is not empty; pass --overwrite to replace an earlier "
+                       "export, or choose another folder.")
+    if entries and METADATA_FILE not in entries:
+      raise ValueError(f"--out={out} is not empty and holds no {METADATA_FILE}: it does not look "
+                       "like an export, so --overwrite will not delete it.")
+    return
+  out = os.path.abspath(out)
   if not os.path.exists(out):
     return
   if not os.path.isdir(out):
@@ -411,6 +506,9 @@ def write_saved_model(path: str, infer: Callable, flat_variables: dict[str, np.n
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from xception_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (TF eval path)
+  from xception_jax.data import tf_host  # pylint: disable=g-import-not-at-top
+
+  tf_host.hide_accelerators()
 
   names = sorted(flat_variables)
   converted = jax2tf.convert(infer, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
@@ -529,6 +627,12 @@ def load(export_dir: PathLike, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ExportFormatError: the folder is not an export, is incomplete (a file missing or truncated),
       corrupted, or written in another format version / by an incompatible jax.
   """
+  if paths.is_remote(export_dir):  # gs://: read from a local copy
+    with tempfile.TemporaryDirectory() as local:
+      predictor = load(_download(paths.resolve(export_dir), local),
+                       max_batch_size=max_batch_size, verify_hashes=verify_hashes)
+    predictor.export_dir = os.fspath(export_dir)
+    return predictor
   export_dir = os.path.abspath(os.fspath(export_dir))
   metadata = read_metadata(export_dir)
   _check_files(export_dir, metadata, verify_hashes)
@@ -749,9 +853,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m xception_jax.export",
       description="Export a training run's weights and its eval-mode network for inference.")
-  parser.add_argument("--workdir", required=True, help="The training run's folder.")
+  origin = parser.add_mutually_exclusive_group(required=True)
+  origin.add_argument("--workdir", help="The training run's folder.")
+  origin.add_argument("--from", dest="keras", metavar="keras:NAME",
+                      help="Export Keras Applications' ImageNet weights instead of a run: "
+                           "keras:xception or keras:inception_v3 (fetched and cached as Keras does).")
+  parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=299,
+                      help="With --from: the input size of the exported function (default 299).")
   parser.add_argument("--out", required=True, help="The export folder to create.")
-  parser.add_argument("--step", type=int, default=None, help="Checkpoint step (default: newest).")
+  parser.add_argument("--checkpoint", default="latest",
+                      help="Which checkpoint: latest (default), best (by the run's best_metric, "
+                           "kept across resumes) or a step number.")
+  parser.add_argument("--step", type=int, default=None, help="Same as --checkpoint=STEP.")
   parser.add_argument("--raw-weights", "--raw_weights", dest="raw_weights", action="store_true",
                       help="Export the trained weights instead of their EMA (Polyak average).")
   parser.add_argument("--saved-model", "--saved_model", dest="saved_model",
@@ -759,21 +872,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="Also write a TF SavedModel: auto = when TensorFlow is importable.")
   parser.add_argument("--overwrite", action="store_true",
                       help="Replace --out if it holds an earlier export.")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.step is not None:
+    args.checkpoint = str(args.step)
+  if args.checkpoint not in ("latest", "best") and not args.checkpoint.isdigit():
+    parser.error(f"--checkpoint={args.checkpoint!r}: valid are latest, best or a step number.")
+  if args.keras and (args.checkpoint != "latest" or args.raw_weights):
+    parser.error("--checkpoint, --step and --raw-weights choose among a run's checkpoints; with "
+                 "--from there is no run.")
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   saved_model = {"auto": None, "yes": True, "no": False}[args.saved_model]
   try:
-    metadata = export_run(args.workdir, args.out, step=args.step, use_ema=not args.raw_weights,
-                          saved_model=saved_model, overwrite=args.overwrite)
+    if args.keras:
+      metadata = export_keras(args.keras, args.out, image_size=args.image_size,
+                              saved_model=saved_model, overwrite=args.overwrite)
+    else:
+      checkpoint = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+      metadata = export_run(args.workdir, args.out, step=checkpoint, use_ema=not args.raw_weights,
+                            saved_model=saved_model, overwrite=args.overwrite)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   source = metadata["source"]
-  print(f"Exported {metadata['model']['name']} ({metadata['variables']['weights']} weights, step "
-        f"{source['step']}) to {os.path.abspath(args.out)}"
+  origin = (f"Keras's ImageNet weights {source['keras']}" if args.keras else
+            f"{metadata['variables']['weights']} weights, step {source['step']}")
+  print(f"Exported {metadata['model']['name']} ({origin}) to {paths.resolve(args.out)}"
         f"{' with a TF SavedModel' if metadata['saved_model'] else ''}.")
   return 0
 

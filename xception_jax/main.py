@@ -11,6 +11,7 @@ hosts, TPU workers, launch/local.sh) connect through --coordinator_address/--num
 """
 import logging as std_logging
 import os
+import re
 import sys
 
 # TensorFlow (used by the input pipeline only) is quiet unless asked otherwise.
@@ -43,9 +44,62 @@ def _keep_console_readable() -> None:
     return
 
   def only_ours_below_warning(record) -> bool:
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+      return False  # orbax's orphaned write tasks after a failed save: a traceback each at exit
+    if f"{os.sep}orbax{os.sep}" in record.pathname and (
+        record.levelno >= std_logging.ERROR or "tracked_metric" in str(record.msg)):
+      # A failed asynchronous save is logged with its traceback by several orbax threads (about
+      # 1,700 lines for a full disk); the same error reaches train.py, which reports it in one
+      # line. "Requested `tracked_metric`" is every save without eval metrics: expected here.
+      return False
     return record.levelno >= std_logging.WARNING or f"{os.sep}xception_jax{os.sep}" in record.pathname
 
   logging.get_absl_handler().addFilter(only_ours_below_warning)
+  previous_hook = sys.excepthook
+
+  def quiet_closed_loop(kind, value, traceback):
+    # tensorstore completing a write of a failed save after orbax closed its event loop: not an
+    # error of its own (the failure is reported), but printed with a traceback per write.
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      previous_hook(kind, value, traceback)
+
+  sys.excepthook = quiet_closed_loop
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one line instead of a traceback for a bad --config override."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # a config file that raised
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    sys.exit(f"error: {' '.join(lines)}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f"error: {_describe_config_error(argv, e)}")
+
+
+def _describe_config_error(argv: list[str], error: Exception) -> str:
+  """'--config.batch_sise: no such config field (did you mean batch_size?)' and the like."""
+  text = str(error).strip().strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+  unknown = re.match(r"'?([A-Za-z0-9_]+)'?\s*\n?Did you mean \"([^\"]+)\"", text)
+  if unknown:
+    key, suggestion = unknown.groups()
+    for arg in argv[1:]:
+      name = arg.split("=", 1)[0]
+      if name.startswith("--config.") and name.split(".")[-1] == key:
+        parent = name[len("--config."):].rpartition(".")[0]
+        close = f"{parent}.{suggestion}" if parent else suggestion
+        return f"{name}: the config has no field {key!r} (did you mean --config.{close}?)."
+  key = text.splitlines()[0].strip("'\"") if text else ""
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if key and name.startswith("--config.") and name.split(".")[-1] == key:
+      parent = name[len("--config."):].rpartition(".")[0]
+      return (f"{name}: the config has no field {key!r}"
+              f"{f' under {parent}' if parent else ''}; valid fields are listed in the config file.")
+  first = text.splitlines()[0] if text else type(error).__name__
+  return f"--config: {first}"
 
 
 def main(argv):
@@ -53,13 +107,16 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _keep_console_readable()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from xception_jax import train  # pylint: disable=g-import-not-at-top  (after initialize)
+  from xception_jax import preemption  # pylint: disable=g-import-not-at-top  (after initialize)
+  from xception_jax import train  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.RUN_ERRORS as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")
+  if result["preempted"]:
+    sys.exit(preemption.PREEMPTED_EXIT_STATUS)  # saved, resumable: rerun the same command
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -3,13 +3,17 @@
 One writer per run, active on process 0 only (the other processes of a multi-host run compute the
 same replicated numbers). metrics.jsonl holds one JSON object per log or eval, each with a `step`
 key, so plots and reports need nothing but the standard library to read a run. TensorBoard events
-are written with the tensorboard package's own event writer: no TensorFlow import.
+are framed with the tensorboard package's record writer into a file of `xception_jax.paths`, so
+both files work in a gs:// workdir and nothing imports TensorFlow (tensorboard's EventFileWriter
+goes through `tf.io.gfile`, which imports TensorFlow whenever it is installed).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import socket
 import time
 from typing import Mapping
 
@@ -17,7 +21,12 @@ from absl import logging
 import jax
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from xception_jax import paths
+
+
+_WRITER_IDS = itertools.count()  # two writers in one process and second get two event files
 
 
 class MetricWriter:
@@ -29,9 +38,14 @@ class MetricWriter:
     self._start_time = time.time()
     self._start_step: int | None = None
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      workdir = paths.resolve(workdir)
+      self._jsonl = paths.open_append(workdir / "metrics.jsonl")
+      events_name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                     f"{os.getpid()}.{next(_WRITER_IDS)}")
+      self._events_file = paths.open_append(
+          paths.makedirs(workdir / "tensorboard") / events_name, binary=True)
+      self._events = RecordWriter(self._events_file)
+      self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Records `scalars` (names like 'train/loss', 'eval/ema_top1') at `step`."""
@@ -42,9 +56,12 @@ class MetricWriter:
     self._jsonl.flush()
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
-    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
-    self._events.flush()
+    self._add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     logging.info("%s", self._progress_line(step, values))
+
+  def _add_event(self, event: event_pb2.Event) -> None:
+    self._events.write(event.SerializeToString())
+    self._events_file.flush()
 
   def _progress_line(self, step: int, values: Mapping[str, float]) -> str:
     if self._start_step is None:
@@ -62,7 +79,7 @@ class MetricWriter:
   def close(self) -> None:
     if self.active:
       self._jsonl.close()
-      self._events.close()
+      self._events_file.close()
 
 
 def _format_value(v: float) -> str:

@@ -92,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"config.lr.reference_batch_size={lr.reference_batch_size!r} must be >= 0 (0 = no scaling)")
   _check(config.batch_size >= 1, f"config.batch_size={config.batch_size!r} must be >= 1")
   _check(lr.warmup_epochs >= 0.0, f"config.lr.warmup_epochs={lr.warmup_epochs!r} must be >= 0")
+  _check(lr.get("warmup_steps", 0) >= 0,
+         f"config.lr.warmup_steps={lr.get('warmup_steps')!r} must be >= 0 (0 = use warmup_epochs)")
   if lr.schedule == "exponential":
     _check(lr.decay_rate > 0.0, f"config.lr.decay_rate={lr.decay_rate!r} must be > 0")
     _check(lr.decay_every_samples >= 0,
@@ -149,17 +151,18 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
     (tf.compat.v1.train.exponential_decay, computed in float32 as TF does).
   - ``constant``: peak.
   - ``cosine``: peak * 0.5 * (1 + cos(pi * p)), p going 0 -> 1 from the end of warmup to total_steps.
-  - Warmup (lr.warmup_epochs > 0): peak * step / warmup_steps for step < warmup_steps, then the
-    schedule above. The exponential decay keeps counting from step 0 (tensorflow/tpu style), so the
-    recipe's decay boundaries stay at the same epochs with or without warmup.
+  - Warmup (lr.warmup_epochs > 0, or lr.warmup_steps > 0, which takes precedence): peak * step /
+    warmup_steps for step < warmup_steps, then the schedule above. The exponential decay keeps
+    counting from step 0 (tensorflow/tpu style), so the recipe's decay boundaries stay at the same
+    epochs with or without warmup.
 
   peak = scaled_base_learning_rate(config). Raises ValueError for bad config values.
   """
   validate_config(config)
   lr = config.lr
   peak = scaled_base_learning_rate(config)
-  warmup_steps = float(lr.warmup_epochs) * float(steps_per_epoch)
-  if lr.warmup_epochs > 0:
+  warmup_steps = float(lr.get("warmup_steps", 0) or lr.warmup_epochs * steps_per_epoch)
+  if lr.warmup_epochs > 0 and not lr.get("warmup_steps", 0):
     _check(steps_per_epoch > 0,
            f"steps_per_epoch={steps_per_epoch!r} must be > 0 for config.lr.warmup_epochs > 0")
 
@@ -178,7 +181,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
   elif lr.schedule == "cosine":
     _check(total_steps is not None and total_steps > warmup_steps,
            f"config.lr.schedule='cosine' needs total_steps={total_steps!r} > warmup steps "
-           f"({warmup_steps}, from config.lr.warmup_epochs={lr.warmup_epochs!r})")
+           f"({warmup_steps}, from config.lr.warmup_epochs={lr.warmup_epochs!r} or "
+           f"warmup_steps={lr.get('warmup_steps', 0)!r})")
     span = float(total_steps) - warmup_steps
 
     def after_warmup(step):

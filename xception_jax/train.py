@@ -13,10 +13,7 @@ and only for non-synthetic datasets.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -33,10 +30,14 @@ import optax
 
 from xception_jax import checkpointing
 from xception_jax import data
+from xception_jax import keras_weights
 from xception_jax import metric_writer
 from xception_jax import metrics
 from xception_jax import models
 from xception_jax import optim
+from xception_jax import paths
+from xception_jax import preemption as preemption_lib
+from xception_jax import workdir as workdir_lib
 
 PyTree = Any
 
@@ -72,6 +73,8 @@ def validate_config(config: ml_collections.ConfigDict, num_data_devices: int,
   def fail(key: str, message: str):
     raise ValueError(f"config.{key}: {message}")
 
+  if keras_weights.is_keras_spec(config.init_from):  # before any download or compile
+    keras_weights.check_model(config.init_from, config.model_name)
   if config.dtype not in _DTYPES:
     fail("dtype", f"{config.dtype!r} is not one of {_DTYPES}.")
   if config.loss not in _LOSSES:
@@ -101,6 +104,30 @@ def validate_config(config: ml_collections.ConfigDict, num_data_devices: int,
       fail(key, f"must be a positive number of steps, got {config[key]}.")
   if not 0.0 <= config.ema.decay < 1.0:
     fail("ema.decay", f"must be in [0, 1), got {config.ema.decay}.")
+  if config.checkpoint_keep < 1:
+    fail("checkpoint_keep", f"must be >= 1 (the latest steps kept beside the best), got "
+         f"{config.checkpoint_keep}.")
+
+
+def eval_metric_names(multi_label: bool) -> tuple[str, ...]:
+  """The metrics `evaluate` reports (raw and EMA weights)."""
+  names = ("loss", "precision_at_1", "map100") if multi_label else ("loss", "top1", "top5")
+  return tuple(f"eval/{prefix}{name}" for prefix in ("", "ema_") for name in names)
+
+
+def resolve_best_metric(config: ml_collections.ConfigDict, multi_label: bool) -> str:
+  """config.best_metric, defaulting to EMA top-1 (single-label) or EMA MAP@100 (multi-label).
+
+  A loss is minimised, anything else maximised (checkpointing.best_mode).
+  """
+  default = "eval/ema_map100" if multi_label else "eval/ema_top1"
+  metric = config.best_metric or default
+  valid = eval_metric_names(multi_label)
+  if metric not in valid:
+    kind = "multi-label" if multi_label else "single-label"
+    raise ValueError(f"config.best_metric={config.best_metric!r}: this {kind} dataset's evals "
+                     f"report {', '.join(valid)} (\"\" = {default}).")
+  return metric
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -312,44 +339,18 @@ def evaluate(eval_step: Callable, state: TrainState, config: ml_collections.Conf
   return results
 
 
-class PreemptionWatcher:
-  """Turns SIGTERM (how clusters announce preemption) into a request to save and stop cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no preemption
-      pass
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting.")
-    self.requested = True
-
-  def should_stop(self, step: int, sync_every: int) -> bool:
-    """Single process: at once. Several: agreed at the same step, every `sync_every` steps."""
-    if jax.process_count() == 1:
-      return self.requested
-    if step % sync_every:
-      return False
-    flags = multihost_utils.process_allgather(np.array(self.requested))
-    return bool(np.any(flags))
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def load_pretrained(config: ml_collections.ConfigDict, model, state: TrainState) -> TrainState:
-  """Starts from `config.init_from`: another run's checkpoint (its EMA weights) or a Keras .h5.
+  """Starts from `config.init_from`: another run's checkpoint (its EMA weights), a Keras weight
+  file (.h5, .weights.h5, .keras) or `keras:NAME` (Keras Applications' ImageNet weights, fetched
+  and cached by `keras_weights`).
 
   Leaves are matched by name and shape; the classifier (whose last dimension is the class count)
   is kept freshly initialised when the class counts differ. Any other mismatch is an error.
   """
   path = config.init_from
-  if path.endswith((".h5", ".hdf5")):
+  if keras_weights.is_keras_spec(path):
+    path = keras_weights.fetch_weights(path)[1]
+  if path.endswith((".h5", ".hdf5", ".keras")):
     from xception_jax import convert  # pylint: disable=g-import-not-at-top
     source = convert.from_keras_h5(path, model)
   else:
@@ -374,11 +375,14 @@ def load_pretrained(config: ml_collections.ConfigDict, model, state: TrainState)
       logging.warning("init_from: kept the freshly initialised head for %s (class count differs).",
                       skipped)
     merged[collection] = traverse_util.unflatten_dict(out, sep="/")
-  params = jax.device_put(merged["params"], jax.tree.map(lambda x: x.sharding, state.params))
-  batch_stats = jax.device_put(merged["batch_stats"],
-                               jax.tree.map(lambda x: x.sharding, state.batch_stats))
-  return state.replace(params=params, batch_stats=batch_stats, ema_params=params,
-                       ema_batch_stats=batch_stats)
+  # Two separate device copies each: the train step donates the state, and the same buffer given
+  # twice (as params and as ema_params) makes XLA refuse to run it. np.array copies the host
+  # array first, since device_put may alias a numpy array's memory on the CPU instead of copying.
+  put = lambda name: jax.device_put(  # noqa: E731
+      jax.tree.map(np.array, merged[name]),
+      jax.tree.map(lambda x: x.sharding, getattr(state, name)))
+  return state.replace(params=put("params"), batch_stats=put("batch_stats"),
+                       ema_params=put("params"), ema_batch_stats=put("batch_stats"))
 
 
 def _num_classes_of(model) -> int:
@@ -395,12 +399,76 @@ def total_steps(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> in
   return int(math.ceil(config.num_epochs * steps_per_epoch(config, info)))
 
 
+class WriteError(OSError):
+  """Writing into the workdir failed (disk full, quota, permissions, storage errors)."""
+
+
+# What a caller (main.py) reports as one line and exits on, instead of a traceback.
+RUN_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError, WriteError)
+
+_WRITE_FAILURES = ("No space left", "Disk quota", "Read-only file system", "Permission denied",
+                   "Input/output error", "File too large", "ENOSPC", "EDQUOT")
+
+
+def _as_write_error(error: BaseException, workdir: paths.Path) -> WriteError | None:
+  """A one-line WriteError for a failed write (however deep orbax or tensorstore wrapped it)."""
+  chain, seen = [], error
+  while seen is not None and len(chain) < 10:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:
+    text = str(e)
+    os_error = isinstance(e, OSError) and e.errno is not None
+    if not os_error and not any(word in text for word in _WRITE_FAILURES):
+      continue
+    if os_error:
+      cause = f"{e.strerror or e} ({e.filename})" if e.filename else f"{e.strerror or e}"
+    else:  # tensorstore: a long status line; keep the part that names the file and the cause
+      line = next((l for l in text.splitlines() if any(w in l for w in _WRITE_FAILURES)), text)
+      line = line.strip()
+      at = min(line.find(w) for w in _WRITE_FAILURES if w in line)
+      cause = line if len(line) <= 400 else f"{line[:250]} ... {line[at:at + 120]}"
+    checkpoints = checkpointing.checkpoint_dir(workdir)
+    try:
+      steps = checkpointing.finished_steps(checkpoints)
+    except Exception:  # pylint: disable=broad-except  (the storage itself may be failing)
+      steps = []
+    kept = (f"The last complete checkpoint, step {steps[-1]} in {checkpoints}, is intact"
+            if steps else "No checkpoint had been completed yet")
+    return WriteError(f"Writing to {workdir} failed: {cause}. {kept}; free space (or fix the "
+                      "storage) and rerun the same command to resume.")
+  return None
+
+
+def _lock_workdir(workdir: paths.Path) -> workdir_lib.WorkdirLock | None:
+  """Process 0 takes the workdir lock; every process fails the same way if it cannot."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = workdir_lib.WorkdirLock(workdir)
+    try:
+      lock.acquire()
+    except (workdir_lib.WorkdirError, OSError) as e:
+      error, lock = e, None
+  if jax.process_count() > 1:
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      error = workdir_lib.WorkdirError(
+          f"Process 0 could not lock --workdir={workdir}; its log says why.")
+  if isinstance(error, OSError):
+    raise _as_write_error(error, workdir) or error
+  if error is not None:
+    raise error
+  return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates as `config` says, resuming from `workdir` if it holds a checkpoint.
 
+  `workdir` may be a local folder or a cloud URL (gs://bucket/run). A workdir that holds another
+  config's run, or that a live trainer holds, is refused before anything is written.
   Returns the last metrics written, plus 'step' and 'preempted'.
   """
-  # --- Everything that can be wrong is checked here, before any compile.
+  # --- Everything that can be wrong is checked here, before any compile or write.
   mesh = make_mesh(config)
   validate_config(config, mesh.shape["data"], jax.process_count())
   info = data.dataset_info(config)
@@ -409,47 +477,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   per_epoch = steps_per_epoch(config, info)
   num_steps = total_steps(config, info)
   tx, schedule = optim.create_optimizer(config, per_epoch, num_steps)
-  best_metric = config.best_metric or ("eval/ema_map100" if info.multi_label else "eval/ema_top1")
+  best_metric = resolve_best_metric(config, info.multi_label)
   if config.map_class_weighting not in ("none", "frequency"):
     raise ValueError(f"config.map_class_weighting={config.map_class_weighting!r}: valid are "
                      "'none' and 'frequency' (classes weighted by their positives in the eval set).")
+  workdir = paths.resolve(workdir)
+  resumed = workdir_lib.check_identity(workdir, config)  # reads only
 
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  # --- State: built sharded; then restore-first (a preempted run continues where it stopped).
-  state, state_shardings = create_train_state(model, tx, config.image_size, mesh, config.seed)
-  manager = checkpointing.create_manager(workdir, keep=config.checkpoint_keep,
-                                         best_metric=best_metric)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpointing.restore_latest(manager, abstract_state)
-  if restored is not None:
-    state, start_step = restored
-  else:
-    start_step = 0
-    if config.init_from:
-      state = load_pretrained(config, model, state)
-  _write_run_info(workdir, config, info, model, state, per_epoch, num_steps, loss_kind)
-
-  data_sharding = NamedSharding(mesh, P("data"))
-  loss_fn = make_loss_fn(loss_kind, info.num_classes, config.label_smoothing)
-  train_step = jit_train_step(
-      make_train_step(config, model, tx, schedule, loss_fn, info.multi_label), state_shardings, mesh)
-  eval_step = jax.jit(make_eval_step(model, info.multi_label))
-
-  writer = metric_writer.MetricWriter(workdir, num_steps)
-  preemption = PreemptionWatcher()
-  train_iter: Iterator = data.create_train_iterator(config, info, start_step=start_step,
-                                                    sharding=data_sharding)
-  last: dict[str, Any] = {}
-  pending: list[dict] = []
-  step = start_step
-  preempted = False
-  timer = time.time()
   try:
+    paths.makedirs(workdir)
+  except OSError as e:
+    raise _as_write_error(e, workdir) or e
+  lock = _lock_workdir(workdir)
+  preemption = preemption_lib.PreemptionWatcher()  # SIGTERM from here on saves and stops
+  manager = writer = None
+  try:
+    if jax.process_index() == 0:
+      workdir_lib.record_config(workdir, config, resumed)
+
+    # --- State: built sharded; then restore-first (a preempted run continues where it stopped).
+    state, state_shardings = create_train_state(model, tx, config.image_size, mesh, config.seed)
+    manager = checkpointing.create_manager(workdir, keep=config.checkpoint_keep,
+                                           best_metric=best_metric)
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = checkpointing.restore_latest(manager, abstract_state)
+    if restored is not None:
+      state, start_step = restored
+    else:
+      start_step = 0
+      if config.init_from:
+        state = load_pretrained(config, model, state)
+    _write_run_info(workdir, config, info, model, state, per_epoch, num_steps, loss_kind,
+                    best_metric)
+
+    data_sharding = NamedSharding(mesh, P("data"))
+    loss_fn = make_loss_fn(loss_kind, info.num_classes, config.label_smoothing)
+    train_step = jit_train_step(
+        make_train_step(config, model, tx, schedule, loss_fn, info.multi_label), state_shardings,
+        mesh)
+    eval_step = jax.jit(make_eval_step(model, info.multi_label))
+
+    writer = metric_writer.MetricWriter(workdir, num_steps)
+    train_iter: Iterator = data.create_train_iterator(config, info, start_step=start_step,
+                                                      sharding=data_sharding)
+    last: dict[str, Any] = {}
+    pending: list[dict] = []
+    step = start_step
+    saved_step = restored[1] if restored else None
+    preempted = False
+    timer = time.time()
     while step < num_steps:
       state, step_metrics = train_step(state, to_global(next(train_iter), data_sharding))
       pending.append(step_metrics)
@@ -457,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       is_last = step == num_steps
 
       if step % config.log_every_steps == 0 or is_last:
-        _check_finite(state, step)
+        _check_finite(state, step, saved_step)
         means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
         elapsed = time.time() - timer
         means["train/steps_per_sec"] = len(pending) / elapsed
@@ -473,36 +550,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last.update(eval_metrics)
         timer = time.time()  # eval time is not training throughput
 
+      # A host-side check every step (no device sync); all processes agree on the step.
       preempted = preemption.should_stop(step, config.log_every_steps) and not is_last
       if step % config.checkpoint_every_steps == 0 or eval_metrics or is_last or preempted:
-        _check_finite(state, step)
-        checkpointing.save(manager, step, state,
-                           {best_metric: eval_metrics[best_metric]} if eval_metrics else None)
+        _check_finite(state, step, saved_step)
+        if lock is not None:
+          lock.check()
+        checkpointing.save(manager, step, state, eval_metrics)
+        saved_step = step
       if preempted:
-        logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.", step)
+        logging.warning("Stopped at step %d for preemption; rerun the same command to resume "
+                        "(exit status %d).", step, preemption_lib.PREEMPTED_EXIT_STATUS)
         break
-  finally:
-    manager.wait_until_finished()
-    manager.close()
+    manager.wait_until_finished()  # a failed asynchronous save surfaces here
     writer.close()
+    writer = None
+    if preempted and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("xception_jax: saved for preemption")
+    return {**last, "step": step, "preempted": preempted}
+  except Exception as e:  # pylint: disable=broad-except
+    clean = _as_write_error(e, workdir)
+    if clean is None:
+      raise
+    raise clean from None
+  finally:
+    _close_quietly(manager, writer)
     preemption.close()
-  return {**last, "step": step, "preempted": preempted}
+    if lock is not None:
+      lock.release()
 
 
-def _check_finite(state: TrainState, step: int) -> None:
+def _close_quietly(manager, writer) -> None:
+  """On the way out of an error: finish what can be finished, without a second traceback."""
+  for close in ((manager.wait_until_finished, manager.close) if manager else ()) + (
+      (writer.close,) if writer else ()):
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("While stopping: %s: %s", type(e).__name__,
+                      (str(e).splitlines() or [""])[0][:300])
+
+
+def _check_finite(state: TrainState, step: int, saved_step: int | None) -> None:
   bad = int(jax.device_get(state.nonfinite_steps))
   if bad:
+    kept = (f"the last good checkpoint (step {saved_step}) is intact" if saved_step is not None
+            else "no checkpoint had been written yet, so there is nothing to resume from")
     raise NonFiniteLossError(
-        f"The training loss or gradient was NaN or Inf in {bad} step(s) up to step {step}. The run stopped "
-        "without saving; the last good checkpoint in the workdir is intact. Lower lr.base, enable "
-        "optimizer.grad_clip_norm, or use dtype=float32.")
+        f"The training loss or gradient was NaN or Inf in {bad} step(s) up to step {step}. The "
+        f"run stopped without saving; {kept}. Lower lr.base, enable optimizer.grad_clip_norm, "
+        "or use dtype=float32.")
 
 
-def _write_run_info(workdir: str, config, info, model, state: TrainState, per_epoch: float,
-                    num_steps: int, loss_kind: str) -> None:
+def _write_run_info(workdir: paths.PathLike, config, info, model, state: TrainState,
+                    per_epoch: float, num_steps: int, loss_kind: str,
+                    best_metric: str | None = None) -> None:
   """Writes run.json: the values derived at run time, for reports and for people."""
   if jax.process_index() != 0:
     return
+  best_metric = best_metric or resolve_best_metric(config, info.multi_label)
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   run = {
       "model_name": config.model_name,
@@ -519,6 +625,8 @@ def _write_run_info(workdir: str, config, info, model, state: TrainState, per_ep
       "steps_per_epoch": per_epoch,
       "total_steps": num_steps,
       "loss": loss_kind,
+      "best_metric": best_metric,
+      "best_mode": checkpointing.best_mode(best_metric),
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "platform": jax.devices()[0].platform,
@@ -527,5 +635,4 @@ def _write_run_info(workdir: str, config, info, model, state: TrainState, per_ep
       "flax_version": flax.__version__,
       "optax_version": optax.__version__,
   }
-  with open(os.path.join(workdir, "run.json"), "w") as f:
-    json.dump(run, f, indent=2)
+  paths.write_json(paths.resolve(workdir) / "run.json", run)

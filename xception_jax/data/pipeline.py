@@ -24,6 +24,9 @@ from xception_jax import data as data_lib
 from xception_jax.data import preprocess
 from xception_jax.data import sharding as sharding_lib
 from xception_jax.data import source as source_lib
+from xception_jax.data import tf_host
+
+tf_host.hide_accelerators()  # before any TensorFlow op: the GPUs' memory is JAX's
 
 _MAX_EPOCHS = 2 ** 40  # "forever" for tf.data.Dataset.range
 

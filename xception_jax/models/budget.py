@@ -9,14 +9,19 @@ tolerance of the target. Rounding makes the count a step function of the factor;
 steps straddle the tolerance band, single widths (or pairs, one up and one down) are nudged by one
 multiple, greedily, until the count fits. The result reports the widths and the achieved ratio.
 
-Generic over the network: it sees only base widths, their quanta and a parameter-count function
-(`costs.xception_param_counts` for Xception, which is analytic and cheap).
+`solve_widths` is generic over the network: it sees only base widths, their quanta and a
+parameter-count function. `fit_budget` applies it to an `XceptionArchitecture`, counting
+parameters with the analytic `xception_costs.xception_param_counts` (microseconds per call).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
 import math
+from typing import Any
+
+from xception_jax.models import xception_arch
+from xception_jax.models import xception_costs
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -118,3 +123,43 @@ def solve_widths(*, base_widths: Sequence[int], quanta: Sequence[int], target: i
         f"({params(best) / target:.4f} x). The widths must be multiples of "
         f"{dict(zip(names, quanta))}; a smaller segment count or group width allows a finer grid.")
   return BudgetSolution(widths=best, params=params(best), target=target, quanta=tuple(quanta))
+
+
+def _target(arch: xception_arch.XceptionArchitecture, budget: Any) -> int:
+  """The parameter count a budget setting asks for."""
+  if isinstance(budget, str) and budget == "params":
+    depthwise = dataclasses.replace(arch, rules=tuple(xception_arch.segment_rules().items()))
+    return xception_costs.xception_param_counts(depthwise)[0]
+  if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0 and (
+      float(budget).is_integer()):  # configs may spell 20M as 2e7
+    return int(budget)
+  raise ValueError(f"budget must be None, 'params' (Xception's parameter count at these "
+                   f"settings) or a positive int parameter count, got {budget!r}")
+
+
+def fit_budget(arch: xception_arch.XceptionArchitecture,
+               budget: Any) -> xception_arch.XceptionArchitecture:
+  """`arch` at the widths (multiples of 8 and of each layer's segment rule) nearest the budget.
+
+  Args:
+    arch: the architecture from the validated settings; its widths give the proportions to keep.
+    budget: "params" (the parameter count of depthwise Xception at these settings) or a positive
+      int parameter count.
+
+  Raises:
+    ValueError: an invalid budget, or no widths on the allowed grid within the tolerance.
+  """
+  target = _target(arch, budget)
+  quanta = {slot: xception_arch.WIDTH_QUANTUM for slot in xception_arch.WIDTH_SLOTS}
+  for layer in xception_arch.separable_layers(arch.num_middle_blocks):
+    slot = layer.spatial_slot(arch.order)
+    quanta[slot] = math.lcm(quanta[slot], xception_arch.rule_quantum(arch.rule(layer.flow)))
+
+  def at(widths: tuple[int, ...]) -> xception_arch.XceptionArchitecture:
+    return dataclasses.replace(arch, widths=widths, budget_target=target)
+
+  solution = solve_widths(
+      base_widths=arch.widths, quanta=tuple(quanta[s] for s in xception_arch.WIDTH_SLOTS),
+      target=target, count_params=lambda w: xception_costs.xception_param_counts(at(w))[0],
+      slot_names=xception_arch.WIDTH_SLOTS)
+  return at(solution.widths).validated()

@@ -27,10 +27,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xception_jax.models import head
 from xception_jax.models import layers
 
 # Smallest input side: the stem and the two stride-2 reductions need 75 pixels (Keras's min_size).
-MIN_INPUT_SIZE = 75
+MIN_IMAGE_SIZE = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,6 @@ BLOCKS: tuple[tuple[str, tuple[Branch, ...]], ...] = (
 )
 
 STEM_NAME = "stem"
-CLASSIFIER_NAME = "predictions"
 
 
 def conv_name(branch: int, position: int, side: str = "") -> str:
@@ -138,11 +138,6 @@ def conv_name(branch: int, position: int, side: str = "") -> str:
   of a Fork.
   """
   return f"branch{branch}_{position}{side}"
-
-
-def fc_name(index: int) -> str:
-  """Name of the index-th (from 0) fully connected layer before the classifier: fc1, fc2, ..."""
-  return f"fc{index + 1}"
 
 
 def scaled_filters(filters: int, width_multiplier: float) -> int:
@@ -224,6 +219,8 @@ class InceptionV3(nn.Module):
     num_classes: classifier outputs; 0 or None gives the headless network, which returns the
       mixed10 feature map [B, h, w, 2048] (2048 at width 1.0) for any input of at least 75x75.
     dropout_rate: dropout before the logistic regression (the Xception paper uses 0.5 on ImageNet).
+    frozen_batch_norm: batch norm keeps and uses its moving statistics also when train=True
+      (fine-tuning on small batches; see Xception's attribute). Dropout is unaffected.
     fc_layers: widths of Dense+ReLU layers between global pooling and the classifier (the paper's
       JFT runs use (4096, 4096)); empty for the reference network.
     width_multiplier: scales every conv's channels (multiples of 8); 1.0 is the reference.
@@ -231,6 +228,7 @@ class InceptionV3(nn.Module):
   """
   num_classes: int | None = 1000
   dropout_rate: float = 0.0
+  frozen_batch_norm: bool = False
   fc_layers: Sequence[int] = ()
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
@@ -263,28 +261,20 @@ class InceptionV3(nn.Module):
       raise ValueError(f"InceptionV3: images must be [batch, height, width, channels]; "
                        f"got shape {images.shape}.")
     height, width = images.shape[1:3]
-    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
+    if height < MIN_IMAGE_SIZE or width < MIN_IMAGE_SIZE:
       raise ValueError(f"InceptionV3: input {height}x{width} is too small; height and width must "
-                       f"be at least {MIN_INPUT_SIZE} (299 is the reference size).")
+                       f"be at least {MIN_IMAGE_SIZE} (299 is the reference size).")
     dtype = layers.canonical_dtype(self.dtype)
     x = jnp.asarray(images, dtype)
-    x = Stem(self.width_multiplier, dtype, name=STEM_NAME)(x, train)
+    train_batch_norm = train and not self.frozen_batch_norm  # the body's only use of `train`
+    x = Stem(self.width_multiplier, dtype, name=STEM_NAME)(x, train_batch_norm)
     for name, branches in BLOCKS:
-      x = InceptionBlock(branches, self.width_multiplier, dtype, name=name)(x, train)
-    if not self.num_classes:
-      return jnp.asarray(x, jnp.float32)
-    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(dtype)
-    for i, units in enumerate(self.fc_layers):
-      x = nn.relu(nn.Dense(units, dtype=dtype, kernel_init=layers.kernel_init,
-                           name=fc_name(i))(x))
-    if self.dropout_rate > 0:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=layers.kernel_init,
-                 name=CLASSIFIER_NAME)(x)
-    return jnp.asarray(x, jnp.float32)
+      x = InceptionBlock(branches, self.width_multiplier, dtype, name=name)(x, train_batch_norm)
+    return head.classifier_head(x, num_classes=self.num_classes, fc_layers=self.fc_layers,
+                                dropout_rate=self.dropout_rate, train=train, dtype=dtype)
 
 
 # A narrow variant for tests and CPU smoke runs: same depth and layer graph, 1/8 of the channels
-# (~0.35 M parameters; at 80x80 its forward pass compiles in about a second of CPU). Note that a
-# compiled `init` of any Inception V3 is slower to compile on CPU (~20 s): its ~100 threefry draws.
+# (~0.35 M parameters). Its compile times on CPU, and why tests use `jax.eval_shape(model.init)`
+# rather than a compiled `init`: BENCHMARKS.md, section 3b.
 inception_v3_tiny = functools.partial(InceptionV3, width_multiplier=0.125)

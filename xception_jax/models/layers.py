@@ -13,8 +13,9 @@ channels into `segments` independent groups, from 1 (a regular convolution after
 over groups, so it compiles to a single grouped-convolution kernel on GPU.
 
 On CPU three convolutions get a different but mathematically equal formulation
-(`conv_general_dilated` below), chosen per platform with `jax.lax.platform_dependent` so that GPU
-and TPU keep the native convolution that cuDNN and the TPU compiler handle well. XLA:CPU runs the
+(`conv_general_dilated` below), chosen per platform with `jax.lax.platform_dependent` from one
+table (`CONV_FORMULATIONS`) so that GPU and TPU keep the native convolution that cuDNN and the TPU
+compiler handle well until a measurement there says otherwise. XLA:CPU runs the
 depthwise 3x3 convolution (and above all its two backward convolutions), grouped convolutions
 and the weight gradient of 1x1 convolutions far below the machine's rate; the rewrites (shifted
 multiply-adds, group-batched matrix products, a matrix product over channels) made the Xception
@@ -27,7 +28,8 @@ checkpoints load unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import functools
 from typing import Any
 
@@ -423,6 +425,91 @@ def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
                          preferred_element_type=preferred_element_type)
 
 
+# ----------------------------------------------------------------------------------------------
+# Which formulation each kind of convolution gets, per platform: the one table to change when a
+# measurement says another form is faster somewhere. `conv_general_dilated` reads it at trace time
+# and lowers, through `lax.platform_dependent`, only the branch of the platform compiled for.
+# "rewritten" = the formulation functions above (`_depthwise_shifted`, `_grouped_taps` with
+# `_merged_groups`, `_pointwise_dot`); "native" = `lax.conv_general_dilated`. Platforms not listed
+# (tpu, rocm) get the native convolution.
+#
+# What each entry rests on:
+#   cpu, all three kinds: BENCHMARKS.md section 3 (Xception training step at batch 32, 71x71, on 2
+#     cores: 4950 ms native -> about 2400 ms with the depthwise rewrite -> 1885 ms with the 1x1
+#     one too; the depthwise fwd+bwd per layer 3-60x faster) and section 2b (grouped convs: the
+#     step at G = 2..32 4-33x faster; at G = 64, 1.2 s where the native run was stopped after
+#     10 minutes).
+#   cuda, all three kinds: native, because nothing has been measured on a GPU yet. The comparison
+#     is prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to
+#     the rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
+#     (`conv_formulation`, the benchmark's --conv-formulation); BENCHMARKS.md section 2 gets the
+#     numbers, and this table the winner per kind with a pointer to them.
+# ----------------------------------------------------------------------------------------------
+
+CONV_KINDS = ("depthwise", "grouped", "pointwise")
+CONV_FORMS = ("native", "rewritten")
+CONV_FORMULATIONS: dict[str, dict[str, str]] = {
+    "depthwise": {"cpu": "rewritten", "cuda": "native"},
+    "grouped": {"cpu": "rewritten", "cuda": "native"},
+    "pointwise": {"cpu": "rewritten", "cuda": "native"},
+}
+
+_forced_formulations: dict[str, str] = {}  # set by `conv_formulation` only
+
+
+def _conv_kind(feature_group_count: int, channels: int, rhs: jax.Array) -> str:
+  """'depthwise', 'pointwise' (1x1, one group) or 'grouped', for a conv that has a rewrite."""
+  if feature_group_count == channels:
+    return "depthwise"
+  if feature_group_count == 1 and rhs.shape[:2] == (1, 1):
+    return "pointwise"
+  return "grouped"
+
+
+def parse_conv_formulation(spec: str) -> dict[str, str]:
+  """'auto' | 'native' | 'rewritten' | 'KIND=FORM,...' -> {kind: form} to force (empty = table).
+
+  'native' and 'rewritten' apply to every kind; KIND is one of CONV_KINDS and FORM one of
+  CONV_FORMS or 'auto' (the table). Raises ValueError naming the bad part and the valid values.
+  """
+  spec = spec.strip()
+  if spec == "auto":
+    return {}
+  if spec in CONV_FORMS:
+    return dict.fromkeys(CONV_KINDS, spec)
+  forced = {}
+  for item in spec.split(","):
+    kind, sep, form = (part.strip() for part in item.partition("="))
+    if not sep or kind not in CONV_KINDS or form not in (*CONV_FORMS, "auto"):
+      raise ValueError(
+          f"conv formulation {spec!r}: {item!r} is not KIND=FORM; valid: 'auto', 'native', "
+          f"'rewritten', or comma-separated KIND=FORM with KIND in {list(CONV_KINDS)} and FORM "
+          f"in {[*CONV_FORMS, 'auto']}")
+    if form != "auto":
+      forced[kind] = form
+  return forced
+
+
+@contextlib.contextmanager
+def conv_formulation(spec: str = "auto") -> Iterator[None]:
+  """Forces kinds of convolution to one formulation on every platform while tracing inside.
+
+  For measuring the forms against each other on one device (`tools/benchmark.py
+  --conv-formulation`), e.g. `with conv_formulation("grouped=rewritten"):` runs the CPU's
+  group-batched products on a GPU. The choice is made when a function is traced, so jit and
+  lower inside the block. Not thread-safe; not for training code, which follows the table.
+  """
+  forced = parse_conv_formulation(spec)
+  previous = dict(_forced_formulations)
+  _forced_formulations.clear()
+  _forced_formulations.update(forced)
+  try:
+    yield
+  finally:
+    _forced_formulations.clear()
+    _forced_formulations.update(previous)
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: str | Sequence[tuple[int, int]],
                          lhs_dilation: Sequence[int] | None = None,
@@ -434,11 +521,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
   On CPU, a depthwise convolution (feature_group_count == channels, one kernel per channel) is
   computed as shifted multiply-adds, a grouped one (1 < feature_group_count < channels) as
-  group-batched matrix products per kernel offset (narrow groups merged first), and a 1x1 convolution as a dot_general; all
-  compute the same function (up to float rounding order). Every other convolution, and every
-  convolution on GPU and TPU, is the native one: the choice is made by `lax.platform_dependent`,
-  which lowers only the branch of the platform being compiled for, so the GPU program is
-  unchanged.
+  group-batched matrix products per kernel offset (narrow groups merged first), and a 1x1
+  convolution as a dot_general; all compute the same function (up to float rounding order). Every other convolution is the native
+  one. Which platforms get the rewrite is the table `CONV_FORMULATIONS` (today: CPU only, so GPU
+  and TPU programs keep the native convolutions), applied by `lax.platform_dependent`, which
+  lowers only the branch of the platform being compiled for; `conv_formulation` overrides it for
+  measurements.
   """
   native = functools.partial(
       lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -463,7 +551,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                             preferred_element_type=preferred_element_type)
   else:
     return native(lhs, rhs)
-  return lax.platform_dependent(lhs, rhs, cpu=cpu, default=native)
+  kind = _conv_kind(feature_group_count, channels, rhs)
+  forced = _forced_formulations.get(kind)
+  if forced is not None:  # `conv_formulation(...)`: the same form on every platform
+    return (cpu if forced == "rewritten" else native)(lhs, rhs)
+  rewritten_on = {platform: cpu for platform, form in CONV_FORMULATIONS[kind].items()
+                  if form == "rewritten"}
+  if not rewritten_on:
+    return native(lhs, rhs)
+  return lax.platform_dependent(lhs, rhs, **rewritten_on, default=native)
 
 
 def _first_max(xp: jax.Array, window: Sequence[int], strides: Sequence[int],

@@ -34,7 +34,17 @@ What is printed (and with --json, one JSON object):
                    --peak-tflops; null where the peak is unknown (CPUs).
   peak_memory_*    device memory_stats() peak where the backend reports it (GPU, TPU), and
                    XLA's compiled memory analysis (arguments + outputs - aliased + temporaries)
-                   everywhere.
+                   everywhere. The device peak is the process's: in a process that ran other
+                   configurations first it is the largest so far.
+  conv_formulation, hlo_ops  --conv-formulation as given (auto = the platform table in
+                   models/layers.py) and the count of convolution and dot_general ops in the
+                   lowered step, which shows which formulation was compiled.
+
+--conv-formulation=native|rewritten|KIND=FORM,... forces the depthwise, grouped or pointwise
+convolutions to the native op or to their rewritten form on any platform (`layers.
+conv_formulation`), to measure one against the other on the device at hand. --profile-dir=DIR
+traces PROFILE_STEPS more steps after the timed ones with `jax.profiler.trace` (TensorBoard /
+xprof format; `bench/profile_summary.py DIR` lists the top kernels).
 
 No TensorFlow is imported on this path. It does import `configs` (the recipe) and therefore
 `ml_collections`, which `xception_jax.train` and `xception_jax.optim` import as well.
@@ -64,6 +74,7 @@ from xception_jax import data
 from xception_jax import optim
 from xception_jax import train
 from xception_jax.data import synthetic
+from xception_jax.models import layers
 
 MODES = ("train", "infer")
 DTYPES = ("float32", "bfloat16")
@@ -72,6 +83,7 @@ DTYPES = ("float32", "bfloat16")
 _WEIGHT_DECAY = {"inception_v3": 4e-5, "inception_v3_tiny": 4e-5}
 _DEFAULT_WEIGHT_DECAY = 1e-5
 NUM_INPUT_BATCHES = 3  # distinct device batches rotated through the timed steps
+PROFILE_STEPS = 5  # steps traced after the timed ones when --profile-dir is given
 
 # Dense (no 2:4 sparsity) peak TFLOP/s per device, (bfloat16, float32 as run by XLA). Matched as a
 # lower-case substring of jax.Device.device_kind, first match wins (so 'h100 pcie' precedes
@@ -115,6 +127,8 @@ class BenchmarkSettings:
   budget: str | None = None
   num_classes: int = 1000
   peak_tflops: float | None = None  # overrides the PEAK_TFLOPS table
+  conv_formulation: str = "auto"  # see layers.parse_conv_formulation
+  profile_dir: str | None = None
 
   def validate(self) -> None:
     if self.mode not in MODES:
@@ -128,6 +142,26 @@ class BenchmarkSettings:
       raise ValueError(f"--warmup={self.warmup} must be >= 0")
     if self.budget not in (None, "params"):
       raise ValueError(f"--budget={self.budget!r}; valid: 'params' or unset")
+    try:
+      layers.parse_conv_formulation(self.conv_formulation)
+    except ValueError as e:
+      raise ValueError(f"--conv-formulation: {e}") from None
+    if self.peak_tflops is not None and not self.peak_tflops > 0:
+      raise ValueError(f"--peak-tflops={self.peak_tflops} must be > 0 (TFLOP/s of one device)")
+    from xception_jax import models  # pylint: disable=g-import-not-at-top
+    if self.model not in models.list_models():
+      raise ValueError(f"--model={self.model!r}; valid: {', '.join(models.list_models())}")
+    smallest = 75 if self.model.startswith("inception") else 71
+    if self.image_size < smallest:
+      raise ValueError(f"--image-size={self.image_size}: {self.model} needs >= {smallest}")
+    try:  # segment counts that do not divide a layer's channels fail here, not after compiling
+      models.create(self.model, num_classes=self.num_classes,
+                    **({"segments": self.segments} if self.segments is not None else {}),
+                    **({"budget": self.budget} if self.budget else {}))
+    except (ValueError, TypeError) as e:
+      flag = "--segments" if self.segments is not None else "--budget"
+      raise ValueError(f"{flag}={self.segments if self.segments is not None else self.budget}: "
+                       f"{e}") from None
 
 
 def peak_tflops_for(device_kind: str, dtype: str) -> float | None:
@@ -221,9 +255,32 @@ def _time_steps(run_one: Callable[[int], Any], steps: int,
   return times, (time.process_time() - cpu_start) / steps
 
 
+def _count_ops(lowered) -> dict[str, int]:
+  """Convolutions and dot_generals in the lowered (StableHLO) program."""
+  text = lowered.as_text()
+  return {op: text.count(f"stablehlo.{op}") for op in ("convolution", "dot_general")}
+
+
+def _profile(run_one: Callable[[int], Any], first: int, profile_dir: str) -> str | None:
+  """Traces PROFILE_STEPS steps into profile_dir; the error as text if tracing failed."""
+  try:
+    jax.block_until_ready(run_one(first))  # nothing pending when the trace starts
+    with jax.profiler.trace(profile_dir):
+      for i in range(1, PROFILE_STEPS + 1):
+        jax.block_until_ready(run_one(first + i))
+  except Exception as e:  # pylint: disable=broad-except  (the measurement stands without it)
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
 def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   """Builds, compiles and times one configuration; returns the measurements (see module doc)."""
   settings.validate()
+  with layers.conv_formulation(settings.conv_formulation):
+    return _run_benchmark(settings)
+
+
+def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   config = build_config(settings)
   mesh = train.make_mesh(config)
   train.validate_config(config, mesh.shape["data"], jax.process_count())
@@ -276,6 +333,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
   times, cpu_s = _time_steps(run_one, settings.steps, settings.warmup)
   step_s = statistics.median(times)
+  profile_error = (_profile(run_one, settings.warmup + settings.steps, settings.profile_dir)
+                   if settings.profile_dir else None)
 
   passes = 3 if settings.mode == "train" else 1
   forward = _analytic_forward_flops(settings)
@@ -323,6 +382,10 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
       "mfu": tflops / peak if peak else None,
       "peak_memory_bytes_device": _device_peak_memory_bytes(),
       "peak_memory_bytes_compiled": _compiled_memory_bytes(compiled),
+      "conv_formulation": settings.conv_formulation,
+      "hlo_ops": _count_ops(lowered),
+      "profile_dir": settings.profile_dir,
+      "profile_error": profile_error,
       "platform": device.platform,
       "device_kind": device.device_kind,
       "num_devices": num_devices,
@@ -359,7 +422,11 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['flops_per_step'] / 1e12:.3f} T/step; XLA counts {xla} T/step); MFU {mfu}",
       f"memory      device peak {gib(r['peak_memory_bytes_device'])}, compiled estimate "
       f"{gib(r['peak_memory_bytes_compiled'])}",
-  ])
+      f"convs       --conv-formulation={r['conv_formulation']}: "
+      + ", ".join(f"{n} {op}" for op, n in r["hlo_ops"].items()) + " ops in the program",
+  ] + ([f"profile     {r['profile_dir']}" + (f" failed: {r['profile_error']}"
+                                              if r["profile_error"] else "")]
+       if r["profile_dir"] else []))
 
 
 def _segments_arg(value: str) -> int | str:
@@ -392,11 +459,22 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchmarkSettings, bool]:
                  default=d.num_classes)
   p.add_argument("--peak-tflops", "--peak_tflops", dest="peak_tflops", type=float, default=None,
                  help="per-device peak for MFU, overriding the built-in table")
+  p.add_argument("--conv-formulation", "--conv_formulation", dest="conv_formulation",
+                 default=d.conv_formulation,
+                 help="auto (the platform table in models/layers.py) | native | rewritten | "
+                      "KIND=FORM,... with KIND depthwise, grouped, pointwise")
+  p.add_argument("--profile-dir", "--profile_dir", dest="profile_dir", default=None,
+                 help=f"trace {PROFILE_STEPS} steps after the timed ones into this folder")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = p.parse_args(argv)
   as_json = args.json
   del args.json
-  return BenchmarkSettings(**vars(args)), as_json
+  settings = BenchmarkSettings(**vars(args))
+  try:
+    settings.validate()
+  except ValueError as e:
+    p.error(str(e))  # one line naming the flag, exit status 2
+  return settings, as_json
 
 
 def main(argv: Sequence[str] | None = None) -> None:

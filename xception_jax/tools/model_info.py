@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from typing import Any
 
 from xception_jax.models import costs
-from xception_jax.models import xception as xception_lib
+from xception_jax.models import xception_arch
 
 BUDGET_SWEEP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, "depthwise")
 
@@ -98,8 +99,8 @@ def sweep_segments(name: str = "xception", image_size: int | tuple[int, int] = 2
   if candidates is None:
     if budget is None:
       arch = costs.model_cost(name, image_size, **kwargs).architecture
-      candidates = [*xception_lib.valid_uniform_segments(arch.widths, arch.order,
-                                                          arch.num_middle_blocks), "depthwise"]
+      candidates = [*xception_arch.valid_uniform_segments(arch.widths, arch.order,
+                                                           arch.num_middle_blocks), "depthwise"]
     else:
       candidates = BUDGET_SWEEP_CANDIDATES
   rows = []
@@ -216,13 +217,20 @@ def main(argv: list[str] | None = None) -> int:
       if getattr(args, key) is not None:
         settings[key] = getattr(args, key)
     if args.fc_layers:
-      settings["fc_layers"] = tuple(int(v) for v in args.fc_layers.split(","))
+      try:
+        settings["fc_layers"] = tuple(int(v) for v in args.fc_layers.split(","))
+      except ValueError:
+        raise ValueError(f"--fc-layers={args.fc_layers!r}: comma-separated positive widths, "
+                         "e.g. 4096,4096") from None
     if args.no_residual:
       settings["residual"] = False
     budget = parse_budget(args.budget)
     image_size = parse_image_size(args.image_size)
     if args.csv and not args.sweep_segments:
       raise ValueError("--csv writes the --sweep-segments table; add --sweep-segments")
+    csv_folder = os.path.dirname(os.path.abspath(args.csv)) if args.csv else ""
+    if args.csv and not os.path.isdir(csv_folder):
+      raise ValueError(f"--csv={args.csv}: the folder {csv_folder} does not exist")
 
     if not args.sweep_segments:
       if args.model.startswith("xception"):

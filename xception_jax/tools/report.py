@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
 import math
 import os
@@ -40,6 +41,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
+from xception_jax import paths  # pylint: disable=g-import-not-at-top
+from xception_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "Folder searched (recursively) for run workdirs.")
@@ -61,16 +65,20 @@ _SKIP_DIRS = {"checkpoints", "tensorboard", "report"}
 
 
 def find_runs(root: str) -> list[str]:
-  """Workdirs under `root` (a folder with config.json), sorted; `root` itself may be one."""
-  if not os.path.isdir(root):
+  """Workdirs under `root` (a folder with config.json), sorted; `root` itself may be one.
+
+  `root` may be local or a cloud URL (gs://...), as may everything read and written here.
+  """
+  if not paths.Path(root).is_dir():
     raise FileNotFoundError(f"--root={root!r} is not a folder.")
-  found = []
-  for folder, subdirs, files in os.walk(root):
-    if "config.json" in files:
-      found.append(folder)
-      subdirs[:] = []  # a run's own folders hold no further runs
+  found, folders = [], [paths.Path(root)]
+  while folders:
+    folder = folders.pop()
+    entries = list(folder.iterdir())
+    if any(e.name == "config.json" for e in entries):
+      found.append(os.fspath(folder))  # a run's own folders hold no further runs
     else:
-      subdirs[:] = sorted(d for d in subdirs if d not in _SKIP_DIRS)
+      folders += [e for e in entries if e.name not in _SKIP_DIRS and e.is_dir()]
   return sorted(found)
 
 
@@ -78,9 +86,9 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
   """metrics.jsonl as a list of records (a torn last line, from a killed run, is ignored)."""
   path = os.path.join(workdir, "metrics.jsonl")
   records = []
-  if not os.path.exists(path):
+  if not paths.Path(path).exists():
     return records
-  with open(path) as f:
+  with paths.Path(path).open() as f:
     for number, line in enumerate(f, start=1):
       line = line.strip()
       if not line:
@@ -93,17 +101,13 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-  if not os.path.exists(path):
+  if not paths.Path(path).exists():
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+  return workdir_lib.checkpoint_steps(workdir)
 
 
 def headline_metric(config: dict[str, Any], run_info: dict[str, Any]) -> str:
@@ -174,7 +178,7 @@ def analytic_cost(config: dict[str, Any], num_classes: int | None) -> dict[str, 
   without analytic formulas (Inception V3) get None.
   """
   from xception_jax.models import costs  # pylint: disable=g-import-not-at-top  (imports JAX)
-  from xception_jax.models import xception as xception_lib  # pylint: disable=g-import-not-at-top
+  from xception_jax.models import xception_arch  # pylint: disable=g-import-not-at-top
   kwargs = dict(config.get("model") or {})
   if kwargs.get("budget") in ("", "none"):
     kwargs["budget"] = None  # configs spell "no budget" as ""
@@ -186,8 +190,9 @@ def analytic_cost(config: dict[str, Any], num_classes: int | None) -> dict[str, 
     logging.info("No analytic cost for %s: %s", config.get("model_name"), e)
     return {"macs": None, "middle_segments": None, "analytic_params": None}
   arch = cost.architecture
-  layers = xception_lib.block_names(arch.num_middle_blocks)["middle"]
-  layer = f"{layers[0]}_sepconv1" if layers else arch.layer_segments[-1][0]
+  middle = [layer.name for layer in xception_arch.separable_layers(arch.num_middle_blocks)
+            if layer.flow == "middle"]
+  layer = middle[0] if middle else arch.layer_segments[-1][0]
   return {"macs": cost.macs_total, "middle_segments": arch.segments(layer),
           "analytic_params": cost.params}
 
@@ -202,8 +207,8 @@ def collect_run(workdir: str, root: str) -> dict[str, Any]:
   records = read_metrics(workdir)
   last_step = max([int(r["step"]) for r in records] + steps, default=0)
   row: dict[str, Any] = {
-      "run": os.path.relpath(workdir, root) if os.path.abspath(workdir) != os.path.abspath(root)
-             else os.path.basename(os.path.abspath(workdir)),
+      "run": os.path.relpath(workdir, root) if workdir.rstrip("/") != root.rstrip("/")
+             else paths.Path(workdir).name,
       "model_name": config.get("model_name"),
       "segments": _segments_label(model.get("segments")) if "model_name" in config else None,
       "order": model.get("order", "depthwise_first"),
@@ -249,11 +254,12 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> list[str]:
   metric_columns = sorted({k for row in rows for k in row
                            if k.startswith(("final_", "best_"))})
   columns = list(_FIRST_COLUMNS) + metric_columns
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+  paths.write_text(path, text.getvalue())
   return columns
 
 
@@ -303,7 +309,7 @@ def plot_run_curves(row: dict[str, Any], path: str) -> None:
                f"({row['status']}, step {row['step']}/{row['total_steps']})",
                fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -361,7 +367,7 @@ def plot_all_curves(rows: Sequence[dict[str, Any]], path: str, metric: str) -> N
   # Outside the axes, right of them; bbox_inches="tight" widens the image to hold it.
   fig.legend(loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
              title="setting (seeds share a colour)", title_fontsize=8)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  _savefig(fig, path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -423,7 +429,7 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], path: str, metric: str) -> Non
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -460,8 +466,13 @@ def plot_tradeoffs(rows: Sequence[dict[str, Any]], path: str, metric: str) -> No
   if handles:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
   fig.tight_layout(rect=(0, 0.05 * math.ceil(len(labels) / 3), 1, 1))
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path, dpi=100)
   plt.close(fig)
+
+
+def _savefig(fig, path: str, **kwargs) -> None:
+  with paths.Path(path).open("wb") as f:  # local or gs://
+    fig.savefig(f, format="png", **kwargs)
 
 
 def _slug(text: str) -> str:
@@ -471,13 +482,13 @@ def _slug(text: str) -> str:
 def write_report(root: str, out: str | None = None,
                  include_unfinished: bool = False) -> dict[str, Any]:
   """Writes runs.csv and the plots; returns {'rows', 'csv', 'plots'} (paths written)."""
-  root = os.path.abspath(root)
-  out = os.path.abspath(out or os.path.join(root, "report"))
+  root = os.fspath(paths.resolve(root))
+  out = os.fspath(paths.resolve(out or os.path.join(root, "report")))
   rows = collect(root)
   if not rows:
     raise FileNotFoundError(f"No runs under {root!r}: a run is a folder with config.json "
                             "(python -m xception_jax.main --workdir=... writes it).")
-  os.makedirs(os.path.join(out, "curves"), exist_ok=True)
+  paths.makedirs(os.path.join(out, "curves"))
   csv_path = os.path.join(out, "runs.csv")
   write_csv(rows, csv_path)
   plots = []
