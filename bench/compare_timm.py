@@ -112,11 +112,13 @@ def measure_timm(model_name: str, mode: str, batch: int, image_size: int, steps:
     run_one(i)
   sync()
   times = []
+  cpu_start = time.process_time()
   for i in range(steps):
     start = time.perf_counter()
     out = run_one(warmup + i)
     sync()
     times.append(time.perf_counter() - start)
+  cpu_s = (time.process_time() - cpu_start) / steps
   if not bool(torch.isfinite(out.float()).all()):
     raise FloatingPointError(f"timm {model_name} {mode}: non-finite output")
   step_s = statistics.median(times)
@@ -125,7 +127,7 @@ def measure_timm(model_name: str, mode: str, batch: int, image_size: int, steps:
       "model": model_name, "timm_model": TIMM_NAMES[model_name], "mode": mode, "batch": batch,
       "image_size": image_size, "dtype": dtype, "num_params": num_params,
       "compile_s": compile_s, "step_time_ms": step_s * 1e3, "step_time_ms_min": min(times) * 1e3,
-      "images_per_sec": batch / step_s,
+      "images_per_sec": batch / step_s, "process_cpu_ms_per_step": cpu_s * 1e3,
       "peak_memory_bytes_device": (torch.cuda.max_memory_allocated(dev)
                                    if dev.type == "cuda" else None),
       "device_kind": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

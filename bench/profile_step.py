@@ -102,6 +102,7 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
   """Traces the compiled training step; thread-ms per (direction, kind) and per thunk."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from xception_jax import optim, train  # pylint: disable=g-import-not-at-top

@@ -53,6 +53,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array] | None] = {
 
 ORDERS = ("depthwise_first", "pointwise_first")
 
+# Which hand-written CPU backward passes are used (the rest differentiate automatically); for
+# measuring each against XLA's own derivative (BENCHMARKS.md, "CPU: ours against PyTorch/timm").
+CPU_BACKWARD = {"depthwise": True, "pointwise": True, "batch_norm": True, "max_pool": True}
+
 
 def _batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Batch mean and variance over all but the last axis, as Flax computes them in training
@@ -129,7 +133,7 @@ class BatchNorm(nn.BatchNorm):
                mask: jax.Array | None = None) -> jax.Array:
     evaluating = nn.merge_param("use_running_average", self.use_running_average,
                                 use_running_average)
-    if (evaluating or self.is_initializing() or mask is not None
+    if (evaluating or not CPU_BACKWARD["batch_norm"] or self.is_initializing() or mask is not None
         or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
         or not self.use_fast_variance or not self.force_float32_reductions
         or jnp.iscomplexobj(x)):
@@ -317,6 +321,9 @@ def _depthwise_shifted(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   activation per layer (BENCHMARKS.md, section 6).
   Accumulates in float32 (bf16 inputs round once, at the end) and returns the input dtype.
   """
+  if not CPU_BACKWARD["depthwise"]:
+    return _depthwise_fwd(lhs, rhs, tuple(strides), tuple(tuple(p) for p in pads),
+                          jnp.dtype(preferred_element_type or lhs.dtype))[0]
   return _depthwise_vjp(lhs, rhs, tuple(strides), tuple(tuple(p) for p in pads),
                         jnp.dtype(preferred_element_type or lhs.dtype))
 
@@ -420,7 +427,8 @@ def _pointwise_dot(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
   if tuple(strides) != (1, 1):
     lhs = lhs[:, ::strides[0], ::strides[1], :]
   if precision is None and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype:
-    return _channel_dot(lhs, rhs[0, 0])
+    if CPU_BACKWARD["pointwise"]:
+      return _channel_dot(lhs, rhs[0, 0])
   return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=preferred_element_type)
 
@@ -632,7 +640,7 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
   """
   window, strides = tuple(window), tuple(strides)
   native = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
-  if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+  if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating) or not CPU_BACKWARD["max_pool"]:
     return native(x)
   pads = tuple(tuple(p) for p in _explicit_padding(padding, x.shape[1:3], window, strides))
   cpu = functools.partial(_max_pool_vjp, window=window, strides=strides, pads=pads)
