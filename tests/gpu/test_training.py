@@ -14,7 +14,15 @@ agree bit for bit, and always under XLA_FLAGS=--xla_gpu_deterministic_ops=true (
 tests"). If A and A' differ (atomics in the max-pool gradient, cuDNN algorithms with
 non-deterministic reductions), B may differ from A as much as A' does: up to RESUME_NOISE_FACTOR x
 the A-A' distance (or NEGLIGIBLE of the distance the parameters moved, whichever is larger), and
-in no case more than RESUME_BOUND of that distance. Distances are L2 over all parameters.
+its losses may stray from A's by up to RESUME_NOISE_FACTOR x the largest A-A' loss difference.
+Distances are L2 over all parameters.
+
+Why no absolute bound without the flag: on an H200 (jax 0.11.2, 2026-11-28, BENCHMARKS.md 1b) A
+and A' agreed to three decimals in the loss for 10 steps and ended 0.05 apart (1.07 and 1.02
+after 20 steps of lr 0.045 on two repeated batches), yet 7.4 apart in parameter L2 against 8.4
+moved: tiny differences in reduction order grow fast in weights whose scale batch norm ignores.
+A resumed run landed as far (7.39), and under --xla_gpu_deterministic_ops=true all three runs
+were bit-identical. So without the flag the honest claim is "as close as two uninterrupted runs".
 """
 
 import os
@@ -40,7 +48,6 @@ pytestmark = pytest.mark.gpu
 NUM_CLASSES = 1000
 NUM_BATCHES = 2  # repeated batches: the loss must fall within a few dozen steps
 RESUME_NOISE_FACTOR = 4.0
-RESUME_BOUND = 0.05
 NEGLIGIBLE = 1e-3  # of the distance moved: a difference this small passes whatever A' did
 DETERMINISM_FLAGS = (
   "--xla_gpu_deterministic_ops=true",
@@ -195,4 +202,6 @@ def test_resume_from_a_checkpoint_continues_the_same_run(setup, record, trainer,
     )
   else:
     assert resumed <= max(RESUME_NOISE_FACTOR * noise, NEGLIGIBLE * moved), (resumed, noise)
-    assert resumed <= RESUME_BOUND * moved, (resumed, moved)
+    loss_noise = max(abs(x - y) for x, y in zip(losses_a, losses_a2))
+    loss_resumed = max(abs(x - y) for x, y in zip(losses_a, losses_b1 + losses_b2))
+    assert loss_resumed <= RESUME_NOISE_FACTOR * loss_noise, (loss_resumed, loss_noise)
