@@ -2,7 +2,7 @@
 # One GPU session's measurements, staged: bench/gpu_run.sh [--smoke] [--only=S1,S2] [--deadline=S] PLAN
 #
 # PLAN (one per GPU session: each is planned to about 8 minutes on an H100 and cut at --deadline,
-# default 540 s; a session has 15 minutes of device time, start-up included):
+# default 570 s; a session has 15 minutes of device time, start-up included):
 #   first      issue 12: the `gpu` tests, then Xception train and infer, bf16, batch 128 at 299:
 #              ours, timm eager, timm compiled; resume under the deterministic-ops XLA flag;
 #              profile summaries for missed targets.
@@ -12,20 +12,27 @@
 #   inception  issue 13: Inception V3 train and infer against timm; on Xception (depthwise), the
 #              depthwise and 1x1 convolutions forced to their rewritten forms beside the default.
 #
-# Stage budgets, seconds (estimates for an H100, 2026-11-27, none measured yet: JAX compile of a
-# full training step ~30-45 s, an inference step ~15-20 s, torch.compile of a training step
-# ~60-90 s; the budget is the stage's `timeout`, the estimate what it should take):
-#   first:     env 60 (est 15), gpu-tests 240 (est 135), xception-train-ours 120 (45),
-#              xception-train-eager 60 (25), xception-train-compile 150 (90), xception-infer-ours
-#              75 (30), xception-infer-eager 45 (15), xception-infer-compile 120 (50),
-#              deterministic-resume 90 (50), profile 45 (10): est about 7.8 minutes.
-#   spectrum:  env 60 (15), spectrum-auto 330 (8 points x ~36 = 290), profile-worst 90 (45, only
-#              if the target is missed), spectrum-rewritten 300 (6 x ~40 = 240): est 9 minutes
-#              with the profile, 8.2 without; the deadline cuts the last points (the order puts
-#              the most informative first), `--only=spectrum-rewritten` runs them in a later call.
-#   inception: env 60 (15), inception_v3-{train,infer}-{ours,eager,compile} 120/60/150/75/45/
-#              120 (45/25/90/30/15/50), xception-formulations 150 (2 points, 75),
-#              spectrum-depthwise-rewritten 60 (40), profile 45 (10): est 6.6 minutes.
+# Stage budgets, seconds (the budget is the stage's `timeout`; in parentheses what it took on an
+# H200 on 2026-11-28, `first` plan, bench/results/gpu_first_log_h200_2026-11-28.txt, or an estimate
+# from those: a process that imports jax, builds the state and compiles our Xception training step
+# takes 90-100 s (compile 45-51 s), an inference step 42 s (compile 10 s); a further point in the
+# same process (bench/run_points.py) about 60 s):
+#   first:     env 60 (14), gpu-tests 240 (153), xception-train-ours 120 (93-102),
+#              xception-train-eager 60 (45), xception-train-compile 150 (91), xception-infer-ours
+#              75 (42), xception-infer-eager 45 (15), xception-infer-compile 120 (38),
+#              deterministic-resume 90 (78), profile 45 (1): 9.6 minutes, so the run of
+#              2026-11-28 reached its deadline in deterministic-resume and ran it (with the
+#              profile) in a second call.
+#   spectrum:  env 60, spectrum-auto 420 (8 points, est. 100 + 7 x 60 = 520: the deadline cuts the
+#              last points; the order puts the most informative first), profile-worst 90 (only if
+#              the target is missed), spectrum-rewritten 300 (6 points): two sessions, the second
+#              `--only=spectrum-rewritten` (compile time of the rewritten grouped convolutions on a
+#              GPU is the unknown).
+#   inception: env 60, inception_v3-{train,infer}-{ours,eager,compile} 120/60/150/75/45/120 (est.
+#              as Xception: 100/45/91/42/15/38), xception-formulations 150 (2 points, est. 160:
+#              cut), spectrum-depthwise-rewritten 60 (est. 100: cut), profile 45: est. 10 minutes,
+#              so plan on `--only=xception-formulations,spectrum-depthwise-rewritten,profile` in a
+#              second call made at once (a machine stays warm 30 s after a call).
 #
 # Each stage runs under its own `timeout` (its budget, cut to what is left before the deadline;
 # stages that would start with under 20 s left are recorded as skipped) and appends to $OUT as it
@@ -46,7 +53,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 
-SMOKE=0 ONLY="" PLAN="" DEADLINE_S=540 SMOKE_FACTOR=20
+SMOKE=0 ONLY="" PLAN="" DEADLINE_S=570 SMOKE_FACTOR=20
 usage() { sed -n '2,4p' "$0" >&2; exit 2; }
 for arg; do
   case $arg in
@@ -217,7 +224,7 @@ case $PLAN in
   spectrum)
     env_stages
     # Endpoints first (the ratio needs both), then the largest G, which the CPU found slowest.
-    stage spectrum-auto 330 "$PY" bench/run_points.py --tag=spectrum-auto --jsonl-out="$RESULTS" \
+    stage spectrum-auto 420 "$PY" bench/run_points.py --tag=spectrum-auto --jsonl-out="$RESULTS" \
       --common="$SPECTRUM_COMMON" --segments=1 --segments=depthwise --segments=64 \
       --segments=32 --segments=16 --segments=8 --segments=4 --segments=2
     worst=$("$PY" bench/gpu_report.py "$RESULTS" --profile-rerun)
