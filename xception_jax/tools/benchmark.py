@@ -23,16 +23,11 @@ What is printed (and with --json, one JSON object):
   process_cpu_ms_per_step  CPU time of this process (all threads) per timed step: on a shared
                    CPU host it is steadier than wall time; on accelerators it is host overhead.
   images_per_sec   batch / median step time.
-  tflops           model FLOPs per step / median step time. Model FLOPs (`flops_source`):
-                   'analytic' = 2 x multiply-adds x batch (x 3 for training: forward, backward
-                   w.r.t. activations and w.r.t. weights) from `models.costs` for the Xception
-                   family; 'xla_forward' = XLA's cost analysis of the forward pass (x 3 for
-                   training) for other models. The XLA count of the whole compiled step
-                   (`xla_flops_per_step`) is reported beside it: it also counts batch norm,
-                   the optimizer and the EMA, so it is a little higher.
-  mfu              tflops / (peak of the device kind x devices), from the PEAK_TFLOPS table
-                   of tools/measurements.py or --peak_tflops; null where the peak is unknown
-                   (CPUs).
+  tflops, mfu      model FLOPs per step / median step time, and that / the device's peak
+                   (tools/measurements.py PEAK_TFLOPS or --peak_tflops; null for CPUs). Model
+                   FLOPs (`flops_source`, BENCHMARKS.md "How to read the numbers"): 'analytic'
+                   (`models.costs`, Xception family) or 'xla_forward' (XLA's count of the
+                   forward pass), x 3 for training; `xla_flops_per_step` counts the whole step.
   peak_memory_*    device memory_stats() peak where the backend reports it (GPU, TPU), and
                    XLA's compiled memory analysis (arguments + outputs - aliased + temporaries)
                    everywhere. The device peak is the process's: in a process that ran other
@@ -218,6 +213,13 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
   infer_jit = jax.jit(infer, in_shardings=(replicated, data_sharding), out_shardings=replicated)
   variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+  passes = 3 if settings.mode == "train" else 1
+  forward = _analytic_forward_flops(settings)
+  flops_source = "analytic" if forward is not None else "xla_forward"
+  if forward is None:  # XLA's count of the eval-mode forward pass (lowered, not compiled)
+    counted = measurements.flops(infer_jit.lower(variables, batches[0]["image"]).cost_analysis())
+    forward = (counted or float("nan")) / settings.batch
+  model_flops = forward * settings.batch * passes
 
   start = time.perf_counter()
   if settings.mode == "train":
@@ -262,25 +264,6 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     else None
   )
 
-  passes = 3 if settings.mode == "train" else 1
-  forward = _analytic_forward_flops(settings)
-  if forward is not None:
-    flops_source = "analytic"
-    model_flops = forward * settings.batch * passes
-  else:
-    flops_source = "xla_forward"
-    forward_lowered = (
-      lowered
-      if settings.mode == "infer"
-      else infer_jit.lower(
-        jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-          {"params": holder["state"].ema_params, "batch_stats": holder["state"].ema_batch_stats},
-        ),
-        batches[0]["image"],
-      )
-    )
-    model_flops = (measurements.flops(forward_lowered.cost_analysis()) or float("nan")) * passes
   xla_flops = measurements.flops(lowered.cost_analysis())
 
   device = jax.devices()[0]
