@@ -53,27 +53,6 @@ def tiny_config(get_config=quickstart.get_config, arg="runlocal", **overrides):
   return c
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same tiny train step again and again: cache it on disk."""
-  from jax._src import compilation_cache as cache  # pylint: disable=g-import-not-at-top
-
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  cache.reset_cache()
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  cache.reset_cache()
-
-
 def _listing(folder):
   return sorted(os.listdir(folder))
 
