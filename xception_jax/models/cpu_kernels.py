@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import math
 from typing import Any
 
 import jax
@@ -176,17 +177,25 @@ def _window_sums(
   remaining pixel sums, of a plain array, are reductions (BENCHMARKS.md, section 6).
   """
   windows = [w for _, w in _window_slices(xp, window, strides, g.shape[1:3])]
+  # The data-parallel step shards the batch over the devices: viewed as [shards, images per
+  # shard, ...], the image-by-image slices below stay within a shard (slicing the sharded batch
+  # axis itself made the SPMD partitioner move whole images between devices).
+  shards = math.gcd(g.shape[0], jax.device_count())
+  per_shard = g.shape[0] // shards
+  if shards > 1:
+    g, *windows = [a.reshape(shards, per_shard, *a.shape[1:]) for a in (g, *windows)]
+  image = (lambda a, k: a[:, k]) if shards > 1 else (lambda a, k: a[k])
   total = None
-  for start in range(0, g.shape[0], KERNEL_GRAD_IMAGES):
-    images = range(start, min(start + KERNEL_GRAD_IMAGES, g.shape[0]))
-    g_acc = [g[k].astype(acc) for k in images]
+  for start in range(0, per_shard, KERNEL_GRAD_IMAGES):
+    images = range(start, min(start + KERNEL_GRAD_IMAGES, per_shard))
+    g_acc = [image(g, k).astype(acc) for k in images]
     per_offset = jnp.stack(
       [
-        functools.reduce(jnp.add, [w[k].astype(acc) * g_k for k, g_k in zip(images, g_acc)])
+        functools.reduce(jnp.add, [image(w, k).astype(acc) * g_k for k, g_k in zip(images, g_acc)])
         for w in windows
       ]
-    )
-    part = jnp.sum(per_offset, axis=(1, 2))
+    )  # [offsets, (shards,) H, W, C]
+    part = jnp.sum(per_offset, axis=tuple(range(1, per_offset.ndim - 1)))
     total = part if total is None else total + part
   return total
 
