@@ -123,7 +123,9 @@ def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
 
+  from xception_jax import models  # pylint: disable=g-import-not-at-top
   from xception_jax import optim  # pylint: disable=g-import-not-at-top
+  from xception_jax import steps  # pylint: disable=g-import-not-at-top
   from xception_jax import train  # pylint: disable=g-import-not-at-top
   from xception_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from xception_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
@@ -140,11 +142,11 @@ def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
   )
   config = benchmark.build_config(settings)
   mesh = train.make_mesh(config)
-  model = train.create_model(config, settings.num_classes)
+  model = models.create_model(config, settings.num_classes)
   tx, schedule = optim.create_optimizer(
     config, synthetic.NUM_TRAIN_EXAMPLES / args.batch, config.total_steps
   )
-  state, shardings = train.create_train_state(model, tx, args.image_size, mesh, config.seed)
+  state, shardings = steps.create_train_state(model, tx, args.image_size, mesh, config.seed)
   batches = [
     synthetic.make_batch(
       k,
@@ -155,13 +157,13 @@ def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     for k in jax.random.split(jax.random.PRNGKey(1), 3)
   ]
-  step = train.jit_train_step(
-    train.make_train_step(
+  step = steps.jit_train_step(
+    steps.make_train_step(
       config,
       model,
       tx,
       schedule,
-      train.make_loss_fn("softmax", settings.num_classes, config.label_smoothing),
+      steps.make_loss_fn("softmax", settings.num_classes, config.label_smoothing),
       multi_label=False,
     ),
     shardings,

@@ -174,7 +174,7 @@ def _window_sums(
   activation first, and one variadic reduction of the nine products ran as one scalar loop.
   Here the batch is summed first with elementwise adds, image by image (one vectorised loop
   over [offsets, H, W, C] that reads the activation and its gradient once), and only the
-  remaining pixel sums, of a plain array, are reductions (BENCHMARKS.md, section 6).
+  remaining pixel sums, of a plain array, are reductions (BENCHMARKS.md, section 7).
   """
   windows = [w for _, w in _window_slices(xp, window, strides, g.shape[1:3])]
   # The data-parallel step shards the batch over the devices: viewed as [shards, images per
@@ -243,7 +243,7 @@ def depthwise_shifted(
   pads, slices and reductions, instead of the grouped-convolution kernels it runs slowly.
   The backward pass is written by hand (`_depthwise_bwd`): differentiated automatically, the
   forward pass kept its nine shifted slices as materialised residuals, nine extra copies of the
-  activation per layer (BENCHMARKS.md, section 6).
+  activation per layer (BENCHMARKS.md, section 7).
   Accumulates in float32 (bf16 inputs round once, at the end) and returns the input dtype.
   """
   if not CPU_BACKWARD["depthwise"]:
@@ -349,7 +349,7 @@ def _channel_dot_bwd(residuals, g):
   Differentiated automatically, XLA:CPU computed the weight gradient from a transposed copy
   ([C_out, pixels]) of the output gradient, written by the batch-norm backward fusion that
   produces it, and computed that fusion a second time for the input gradient: the transposed
-  writes were about a tenth of the training step (BENCHMARKS.md, section 6).
+  writes were about a tenth of the training step (BENCHMARKS.md, section 7).
   """
   x, w = residuals
   grad_x = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))

@@ -60,7 +60,7 @@ class BatchNorm(nn.BatchNorm):
   Flax's own defaults (epsilon 1e-5) would make Keras-imported weights give different outputs.
   In training mode the normalisation has, on CPU, a hand-written backward pass
   (`cpu_kernels.batch_norm_bwd`): XLA:CPU's version of the automatic one materialised x - mean in the
-  forward pass and made several passes over the activations (BENCHMARKS.md, section 6). The
+  forward pass and made several passes over the activations (BENCHMARKS.md, section 7). The
   values, statistics and variables are Flax's; other platforms, evaluation mode and settings
   this project does not use (a mask, an `axis_name`, another axis) run Flax's code.
   """
@@ -148,21 +148,20 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
 # Which formulation each kind of convolution gets, per platform: the one table to change when a
 # measurement says another form is faster somewhere. `conv_general_dilated` reads it at trace time
 # and lowers, through `lax.platform_dependent`, only the branch of the platform compiled for.
-# "rewritten" = the formulation functions above (`cpu_kernels.depthwise_shifted`, `cpu_kernels.grouped_taps` with
-# `cpu_kernels.merged_groups`, `cpu_kernels.pointwise_dot`); "native" = `lax.conv_general_dilated`. Platforms not listed
-# (tpu, rocm) get the native convolution.
+# "rewritten" = `cpu_kernels.depthwise_shifted`, `cpu_kernels.grouped_taps` (with
+# `cpu_kernels.merged_groups`) and `cpu_kernels.pointwise_dot`; "native" =
+# `lax.conv_general_dilated`. Platforms not listed (tpu, rocm) get the native convolution.
 #
 # What each entry rests on:
-#   cpu, all three kinds: BENCHMARKS.md section 3 (Xception training step at batch 32, 71x71, on 2
-#     cores: 4950 ms native -> about 2400 ms with the depthwise rewrite -> 1885 ms with the 1x1
-#     one too; the depthwise fwd+bwd per layer 3-60x faster) and section 2b (grouped convs: the
-#     step at G = 2..32 4-33x faster; at G = 64, 1.2 s where the native run was stopped after
-#     10 minutes).
-#   cuda, all three kinds: native, because nothing has been measured on a GPU yet. The comparison
-#     is prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to
-#     the rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
-#     (`conv_formulation`, the benchmark's --conv-formulation); BENCHMARKS.md section 2 gets the
-#     numbers, and this table the winner per kind with a pointer to them.
+#   cpu, all three kinds: BENCHMARKS.md section 3 (the Xception training step about 2.6x faster
+#     with the depthwise and 1x1 rewrites; the depthwise layer's forward and backward 3-60x) and
+#     section 2b (grouped convolutions: the step at G = 2..32 4-33x faster).
+#   cuda, all three kinds: native. Measured so far (BENCHMARKS.md section 1, H200): the native
+#     step, in which cuDNN's depthwise kernels take 20% of the kernel time. The comparison is
+#     prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to the
+#     rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
+#     (`conv_formulation`, the benchmark's --conv_formulation); this table gets the winner per
+#     kind with a pointer to the numbers.
 # ----------------------------------------------------------------------------------------------
 
 CONV_KINDS = ("depthwise", "grouped", "pointwise")
@@ -321,7 +320,7 @@ def max_pool(
   """`nn.max_pool` of an NHWC array, with a backward pass that is fast on CPU.
 
   XLA:CPU expands max pooling's backward (select_and_scatter) into a variadic reduce-window that
-  tracks four int32 index arrays of the input's size, and a scatter (BENCHMARKS.md, section 6).
+  tracks four int32 index arrays of the input's size, and a scatter (BENCHMARKS.md, section 7).
   On CPU the forward pass here also records, per output, which kernel offset held the (first)
   maximum, in int8, and the backward pass routes the gradient with shifted pads
   (`cpu_kernels.max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties included. GPU
