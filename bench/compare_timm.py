@@ -131,11 +131,13 @@ def measure_timm(
     run_one(i)
   sync()
   times = []
+  cpu_start = time.process_time()
   for i in range(steps):
     start = time.perf_counter()
     out = run_one(warmup + i)
     sync()
     times.append(time.perf_counter() - start)
+  cpu_s = (time.process_time() - cpu_start) / steps
   if not bool(torch.isfinite(out.float()).all()):
     raise FloatingPointError(f"timm {model_name} {mode}: non-finite output")
   step_s = statistics.median(times)
@@ -152,6 +154,7 @@ def measure_timm(
     "step_time_ms": step_s * 1e3,
     "step_time_ms_min": min(times) * 1e3,
     "images_per_sec": batch / step_s,
+    "process_cpu_ms_per_step": cpu_s * 1e3,
     "peak_memory_bytes_device": (
       torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     ),

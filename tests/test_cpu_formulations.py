@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xception_jax.models import cpu_kernels
 from xception_jax.models import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -92,7 +93,7 @@ CONVS = [
 )
 def test_narrow_groups_merge_into_block_diagonal_kernels(w_shape, groups, merged):
   w = _normal(0, w_shape)
-  kernel, blocks = layers._merged_groups(w, groups)
+  kernel, blocks = cpu_kernels.merged_groups(w, groups)
   assert (blocks, kernel.shape) == merged
   # Block g of the merged kernel holds its k original groups on the diagonal, zeros elsewhere.
   k, group_in, d = groups // blocks, w_shape[2], w_shape[3] // groups
@@ -201,3 +202,107 @@ def test_separable_conv_params_values_and_grads_match_native(segments, order, dt
   _assert_close(
     results[0], results[1], dtype, names=("value", "grad pointwise/kernel", "grad spatial/kernel")
   )
+
+
+# Max pooling: (input shape, window, strides, padding). Xception's 3x3 / 2 SAME on odd and even
+# sizes (SAME's extra pixel at the end), VALID, stride 1 and a 2x2 window.
+POOLS = [
+  ((2, 7, 7, 4), (3, 3), (2, 2), "SAME"),
+  ((2, 8, 6, 4), (3, 3), (2, 2), "SAME"),
+  ((2, 9, 8, 4), (3, 3), (2, 2), "VALID"),
+  ((1, 6, 5, 4), (3, 3), (1, 1), "SAME"),
+  ((1, 6, 7, 4), (2, 2), (2, 2), "VALID"),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("x_shape,window,strides,padding", POOLS)
+def test_max_pool_matches_native(x_shape, window, strides, padding, dtype):
+  """Same values as nn.max_pool; the gradient goes where select_and_scatter sends it, to the
+  first maximum of each window when several are equal (small integers make many ties)."""
+  x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, x_shape), dtype)
+  native = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+  ours = functools.partial(layers.max_pool, window=window, strides=strides, padding=padding)
+  y_native = jax.jit(native)(x)
+  cotangent = _normal(3, y_native.shape)
+  grads = [
+    jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x).astype(jnp.float32) * cotangent)))(x)
+    for f in (ours, native)
+  ]
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(ours)(x), np.float32), np.asarray(y_native, np.float32)
+  )
+  assert grads[0].dtype == dtype
+  _assert_close(
+    [np.asarray(g, np.float32) for g in grads[:1]],
+    [np.asarray(g, np.float32) for g in grads[1:]],
+    dtype,
+    names=("grad x",),
+  )
+
+
+def test_max_pool_backward_is_rewritten_on_cpu_only():
+  x = _normal(0, (2, 9, 9, 4), jnp.bfloat16)
+  step = jax.grad(
+    lambda x: jnp.sum(layers.max_pool(x, (3, 3), (2, 2), "SAME").astype(jnp.float32) ** 2)
+  )
+  assert "stablehlo.select_and_scatter" not in _lowered_ops(step, "cpu", x)
+  for platform in ("cuda", "tpu"):
+    assert "stablehlo.select_and_scatter" in _lowered_ops(step, platform, x), platform
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("use_scale", [True, False], ids=["scale", "no_scale"])
+def test_batch_norm_training_matches_flax(use_scale, dtype):
+  """Training-mode batch norm: Flax's outputs and updated statistics, bit for bit, and its
+  gradients (input, scale, bias) to rounding; evaluation mode is Flax's code unchanged."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 5, 3, 8)) * 3 + 1, dtype)
+  kwargs = dict(dtype=dtype, use_scale=use_scale, momentum=0.99, epsilon=1e-3)
+  ours, flax_bn = layers.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
+  variables = flax_bn.init(jax.random.key(0), x, use_running_average=False)
+  seeds = iter(range(20, 40))
+  variables = jax.tree.map(lambda a: a + 0.1 * _normal(next(seeds), a.shape), variables)
+  assert jax.tree.map(
+    jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)
+  ) == jax.tree.map(jnp.shape, variables)
+  cotangent = _normal(7, x.shape)
+  results = []
+  for module in (ours, flax_bn):
+
+    def loss(params, x, module=module):
+      y, updated = module.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        x,
+        use_running_average=False,
+        mutable=["batch_stats"],
+      )
+      return jnp.sum(y.astype(jnp.float32) * cotangent), (y, updated)
+
+    (_, (y, updated)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      variables["params"], x
+    )
+    assert y.dtype == dtype
+    evaluated = module.apply(variables, x, use_running_average=True)
+    results.append((y, updated, grads, evaluated))
+  for a, b in zip(
+    jax.tree.leaves(results[0][:2] + results[0][3:]),
+    jax.tree.leaves(results[1][:2] + results[1][3:]),
+  ):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  flat = [[np.asarray(g, np.float32) for g in jax.tree.leaves(r[2])] for r in results]
+  _assert_close(flat[0], flat[1], dtype, names=[str(i) for i in range(len(flat[0]))])
+
+
+def test_depthwise_kernel_gradient_sums_the_batch_in_chunks(monkeypatch):
+  """The kernel gradient sums the batch a chunk of images at a time: uneven chunks included."""
+  monkeypatch.setattr(cpu_kernels, "KERNEL_GRAD_IMAGES", 2)
+  x, w = _normal(0, (5, 6, 5, 8)), _normal(1, (3, 3, 1, 8))
+  cotangent = _normal(2, (5, 6, 5, 8))
+  ours = _value_and_grads(
+    functools.partial(_ours_conv, strides=(1, 1), padding="SAME", groups=8), x, w, cotangent
+  )
+  native = _value_and_grads(
+    functools.partial(_native_conv, strides=(1, 1), padding="SAME", groups=8), x, w, cotangent
+  )
+  _assert_close(ours, native, jnp.float32)

@@ -13,18 +13,13 @@ channels into `segments` independent groups, from 1 (a regular convolution after
 over groups, so it compiles to a single grouped-convolution kernel on GPU.
 
 On CPU three convolutions get a different but mathematically equal formulation
-(`conv_general_dilated` below), chosen per platform with `jax.lax.platform_dependent` from one
-table (`CONV_FORMULATIONS`) so that GPU and TPU keep the native convolution that cuDNN and the TPU
-compiler handle well until a measurement there says otherwise. XLA:CPU runs the
-depthwise 3x3 convolution (and above all its two backward convolutions), grouped convolutions
-and the weight gradient of 1x1 convolutions far below the machine's rate; the rewrites (shifted
-multiply-adds, group-batched matrix products, a matrix product over channels) cut the Xception
-training step's CPU time (batch 32, 71x71) from about 4900 to about 1800 ms per step, from 0.96x
-to 2.7x Keras 3's speed (BENCHMARKS.md, section 3), and the intermediate segment counts' steps
-by 4-31x (section 2b).
-Max pooling stays native on every platform: two cheaper-in-isolation backward forms made the
-full step slower (same section). Parameters keep their shapes and names, so Keras weights and
-checkpoints load unchanged.
+(`conv_general_dilated` below, the functions in `cpu_kernels`), chosen per platform with
+`jax.lax.platform_dependent` from one table (`CONV_FORMULATIONS`) so that GPU and TPU keep the
+native convolution that cuDNN and the TPU compiler handle well until a measurement there says
+otherwise. Batch norm in training and max pooling (`max_pool`) also get hand-written backward
+passes on CPU. What each rewrite gains is measured in BENCHMARKS.md (sections 2b, 3 and "CPU: ours
+against PyTorch/timm"). Parameters keep their shapes and names, so Keras weights and checkpoints
+load unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +35,8 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from xception_jax.models import cpu_kernels
 
 # Keras initialises every conv and dense kernel with glorot_uniform and every bias with zeros.
 # glorot is symmetric in fan-in / fan-out, so Keras's depthwise layout (3, 3, C, 1) and ours
@@ -61,10 +58,58 @@ class BatchNorm(nn.BatchNorm):
   """`flax.linen.BatchNorm` with the Keras defaults (epsilon 1e-3, momentum 0.99).
 
   Flax's own defaults (epsilon 1e-5) would make Keras-imported weights give different outputs.
+  In training mode the normalisation has, on CPU, a hand-written backward pass
+  (`cpu_kernels.batch_norm_bwd`): XLA:CPU's version of the automatic one materialised x - mean in the
+  forward pass and made several passes over the activations (BENCHMARKS.md, section 7). The
+  values, statistics and variables are Flax's; other platforms, evaluation mode and settings
+  this project does not use (a mask, an `axis_name`, another axis) run Flax's code.
   """
 
   momentum: float = 0.99
   epsilon: float = 1e-3
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+  ) -> jax.Array:
+    evaluating = nn.merge_param(
+      "use_running_average", self.use_running_average, use_running_average
+    )
+    if (
+      evaluating
+      or not cpu_kernels.CPU_BACKWARD["batch_norm"]
+      or self.is_initializing()
+      or mask is not None
+      or self.axis_name is not None
+      or self.axis not in (-1, x.ndim - 1)
+      or not self.use_fast_variance
+      or not self.force_float32_reductions
+      or jnp.iscomplexobj(x)
+    ):
+      return super().__call__(x, use_running_average, mask=mask)
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    args = [x]
+    scale = bias = None
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, features, self.param_dtype)
+      args.append(scale)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, features, self.param_dtype)
+      args.append(bias)
+    dtype = self.dtype or jnp.result_type(*args)
+    ones = jnp.ones(features, jnp.float32)
+    scale = ones if scale is None else scale
+    bias = ones * 0 if bias is None else bias
+    fn = functools.partial(cpu_kernels.batch_norm_vjp, epsilon=self.epsilon, dtype=jnp.dtype(dtype))
+    native = functools.partial(
+      cpu_kernels.batch_norm_native, epsilon=self.epsilon, dtype=jnp.dtype(dtype)
+    )
+    y, mean, var = lax.platform_dependent(x, scale, bias, cpu=fn, default=native)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
 
 
 def canonical_dtype(dtype: Any) -> jnp.dtype:
@@ -99,189 +144,24 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
     )
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
-  """True when `dimension_numbers` means NHWC inputs / HWIO kernels / NHWC outputs.
-
-  Flax's `nn.Conv` passes a `ConvDimensionNumbers` of index permutations for NHWC; compare on
-  that canonical form so strings and tuples given by other callers are recognised too.
-  """
-  if lhs.ndim != 4 or rhs.ndim != 4 or dimension_numbers is None:
-    return False
-  canonical = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  return canonical == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-
-
-def _explicit_padding(
-  padding: str | Sequence[tuple[int, int]],
-  in_shape: Sequence[int],
-  window: Sequence[int],
-  strides: Sequence[int],
-) -> list[tuple[int, int]]:
-  """(low, high) pads per spatial dim; "SAME" puts the odd extra pixel at the end, as TF does."""
-  if isinstance(padding, str):
-    return [tuple(p) for p in lax.padtype_to_pads(in_shape, window, strides, padding)]
-  return [tuple(p) for p in padding]
-
-
-def _pad_nhwc(x: jax.Array, value: Any, pads: Sequence[tuple[int, int]]) -> jax.Array:
-  """lax.pad of the two spatial dims of an NHWC array (negative pads crop, as in lax.pad)."""
-  return lax.pad(x, jnp.array(value, x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-
-
-def _window_slices(
-  xp: jax.Array, window: Sequence[int], strides: Sequence[int], out_hw: Sequence[int]
-):
-  """Yields ((i, j), slice) for every kernel offset: xp[:, i::sh, j::sw][:, :Ho, :Wo]."""
-  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-  b, _, _, c = xp.shape
-  for i in range(kh):
-    for j in range(kw):
-      end = (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c)
-      yield (i, j), lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
-
-
-def _depthwise_shifted(
-  lhs: jax.Array,
-  rhs: jax.Array,
-  strides: Sequence[int],
-  pads: Sequence[tuple[int, int]],
-  preferred_element_type: Any,
-) -> jax.Array:
-  """Depthwise conv (rhs (kh, kw, 1, C)) as a sum over kernel offsets of shifted slices x row.
-
-  Elementwise ops that XLA:CPU fuses into one loop over the output, with a backward made of
-  pads, slices and reductions, instead of the grouped-convolution kernels it runs slowly.
-  Accumulates in float32 (bf16 inputs round once, at the end) and returns the input dtype.
-  """
-  kh, kw = rhs.shape[:2]
-  xp = _pad_nhwc(lhs, 0, pads)
-  out_hw = [(xp.shape[1 + d] - (kh, kw)[d]) // strides[d] + 1 for d in range(2)]
-  acc = jnp.promote_types(lhs.dtype, jnp.float32)
-  out = None
-  for (i, j), window in _window_slices(xp, (kh, kw), strides, out_hw):
-    term = window.astype(acc) * rhs[i, j, 0].astype(acc)
-    out = term if out is None else out + term
-  return out.astype(preferred_element_type or lhs.dtype)
-
-
-# On CPU, groups narrower than this are merged into block-diagonal groups of at most this many
-# input channels (`_merged_groups`); wider groups are computed as they are.
-_MIN_BLOCK_CHANNELS = 32
-
-
-def _merged_groups(rhs: jax.Array, groups: int) -> tuple[jax.Array, int]:
-  """The same grouped conv with k adjacent groups merged into one block-diagonal group.
-
-  A group of 2 to 16 channels is a matrix product too small to run well on CPU: at 64 segments
-  the 2-channel groups of Xception's 71x71 entry layer took 7x the depthwise layer's time. Merging
-  k groups multiplies the arithmetic by k (the off-diagonal blocks are zeros) but runs it at the
-  rate of a 32-channel product, which is faster up to k = 16 (BENCHMARKS.md, section 2b). k is the
-  largest divisor of `groups` that keeps blocks within `_MIN_BLOCK_CHANNELS` input channels. The
-  zero blocks are built from the kernel, so their gradients are dropped: the function and its
-  derivatives are those of the original grouped conv.
-  """
-  kh, kw, group_in, out_channels = rhs.shape
-  k = max(
-    n
-    for n in range(1, groups + 1)
-    if groups % n == 0 and n * group_in <= max(_MIN_BLOCK_CHANNELS, group_in)
-  )
-  if k == 1:
-    return rhs, groups
-  d = out_channels // groups
-  kernel = rhs.reshape(kh, kw, group_in, groups // k, k, d)
-  block_diagonal = jnp.einsum("hwigao,ab->hwaigbo", kernel, jnp.eye(k, dtype=rhs.dtype))
-  return block_diagonal.reshape(kh, kw, k * group_in, out_channels), groups // k
-
-
-def _grouped_taps(
-  lhs: jax.Array,
-  rhs: jax.Array,
-  strides: Sequence[int],
-  pads: Sequence[tuple[int, int]],
-  groups: int,
-  precision: Any,
-  preferred_element_type: Any,
-) -> jax.Array:
-  """Grouped conv (rhs (kh, kw, C / groups, C_out)) as a sum over kernel offsets of one
-  group-batched matrix product each: [groups, pixels, C / groups] x [groups, C / groups, d].
-
-  XLA:CPU runs a convolution with 1 < feature_group_count < channels (the spectrum's
-  intermediate segment counts) far below the rate of the same work as batched matrix products:
-  the Xception training step at 8 segments took 20x the regular-conv step, rising with the
-  segment count (BENCHMARKS.md, section 2b). Groups narrower than `_MIN_BLOCK_CHANNELS` are
-  merged first (`_merged_groups`). Accumulates in float32, returns the input dtype.
-  """
-  rhs, groups = _merged_groups(rhs, groups)
-  kh, kw, group_in, out_channels = rhs.shape
-  d = out_channels // groups
-  xp = _pad_nhwc(lhs, 0, pads)
-  b = lhs.shape[0]
-  ho, wo = [(xp.shape[1 + k] - (kh, kw)[k]) // strides[k] + 1 for k in range(2)]
-  kernel = rhs.reshape(kh, kw, group_in, groups, d)
-  acc = jnp.promote_types(lhs.dtype, jnp.float32)
-  out = None  # [groups, b, ho, wo, d]: dot_general puts the batch (group) dimension first
-  for (i, j), window in _window_slices(xp, (kh, kw), strides, (ho, wo)):
-    term = lax.dot_general(
-      window.reshape(b, ho, wo, groups, group_in),
-      kernel[i, j],
-      (((4,), (0,)), ((3,), (1,))),
-      precision=precision,
-      preferred_element_type=acc,
-    )
-    out = term if out is None else out + term
-  out = jnp.moveaxis(out, 0, 3).reshape(b, ho, wo, out_channels)
-  return out.astype(preferred_element_type or lhs.dtype)
-
-
-def _pointwise_dot(
-  lhs: jax.Array,
-  rhs: jax.Array,
-  strides: Sequence[int],
-  pads: Sequence[tuple[int, int]],
-  precision: Any,
-  preferred_element_type: Any,
-) -> jax.Array:
-  """1x1 conv as a matrix product over channels (on the strided, padded input when needed).
-
-  XLA:CPU computes the weight gradient of a 1x1 convolution about 2x slower than the same
-  contraction written as a dot_general.
-  """
-  if any(p != (0, 0) for p in pads):
-    lhs = _pad_nhwc(lhs, 0, pads)
-  if tuple(strides) != (1, 1):
-    lhs = lhs[:, :: strides[0], :: strides[1], :]
-  return lax.dot_general(
-    lhs,
-    rhs[0, 0],
-    (((3,), (0,)), ((), ())),
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-  )
-
-
 # ----------------------------------------------------------------------------------------------
 # Which formulation each kind of convolution gets, per platform: the one table to change when a
 # measurement says another form is faster somewhere. `conv_general_dilated` reads it at trace time
 # and lowers, through `lax.platform_dependent`, only the branch of the platform compiled for.
-# "rewritten" = the formulation functions above (`_depthwise_shifted`, `_grouped_taps` with
-# `_merged_groups`, `_pointwise_dot`); "native" = `lax.conv_general_dilated`. Platforms not listed
-# (tpu, rocm) get the native convolution.
+# "rewritten" = `cpu_kernels.depthwise_shifted`, `cpu_kernels.grouped_taps` (with
+# `cpu_kernels.merged_groups`) and `cpu_kernels.pointwise_dot`; "native" =
+# `lax.conv_general_dilated`. Platforms not listed (tpu, rocm) get the native convolution.
 #
 # What each entry rests on:
-#   cpu, all three kinds: BENCHMARKS.md section 3 (Xception training step at batch 32, 71x71, on 2
-#     cores: 4950 ms native -> about 2400 ms with the depthwise rewrite -> 1885 ms with the 1x1
-#     one too; the depthwise fwd+bwd per layer 3-60x faster) and section 2b (grouped convs: the
-#     step at G = 2..32 4-33x faster; at G = 64, 1.2 s where the native run was stopped after
-#     10 minutes).
-#   cuda, all three kinds: native, because nothing has been measured on a GPU yet. The comparison
-#     is prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to
-#     the rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
-#     (`conv_formulation`, the benchmark's --conv-formulation); BENCHMARKS.md section 2 gets the
-#     numbers, and this table the winner per kind with a pointer to them.
+#   cpu, all three kinds: BENCHMARKS.md section 3 (the Xception training step about 2.6x faster
+#     with the depthwise and 1x1 rewrites; the depthwise layer's forward and backward 3-60x) and
+#     section 2b (grouped convolutions: the step at G = 2..32 4-33x faster).
+#   cuda, all three kinds: native. Measured so far (BENCHMARKS.md section 1, H200): the native
+#     step, in which cuDNN's depthwise kernels take 20% of the kernel time. The comparison is
+#     prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to the
+#     rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
+#     (`conv_formulation`, the benchmark's --conv_formulation); this table gets the winner per
+#     kind with a pointer to the numbers.
 # ----------------------------------------------------------------------------------------------
 
 CONV_KINDS = ("depthwise", "grouped", "pointwise")
@@ -367,8 +247,8 @@ def conv_general_dilated(
   On CPU, a depthwise convolution (feature_group_count == channels, one kernel per channel) is
   computed as shifted multiply-adds, a grouped one (1 < feature_group_count < channels) as
   group-batched matrix products per kernel offset (narrow groups merged first), and a 1x1
-  convolution as a dot_general; all compute the same function (up to float rounding order).
-  Every other convolution is the native one. Which platforms get the rewrite is the table `CONV_FORMULATIONS` (today: CPU only, so GPU
+  convolution as a dot_general; all compute the same function (up to float rounding order). Every other convolution is the native
+  one. Which platforms get the rewrite is the table `CONV_FORMULATIONS` (today: CPU only, so GPU
   and TPU programs keep the native convolutions), applied by `lax.platform_dependent`, which
   lowers only the branch of the platform being compiled for; `conv_formulation` overrides it for
   measurements.
@@ -386,18 +266,23 @@ def conv_general_dilated(
     preferred_element_type=preferred_element_type,
   )
   undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  if not (undilated and batch_group_count == 1 and _is_nhwc(lhs, rhs, dimension_numbers)):
+  if not (
+    undilated and batch_group_count == 1 and cpu_kernels.is_nhwc(lhs, rhs, dimension_numbers)
+  ):
     return native(lhs, rhs)
   channels = lhs.shape[-1]
   strides = tuple(window_strides)
-  pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+  pads = cpu_kernels.explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
   if feature_group_count == channels > 1 and rhs.shape[2:] == (1, channels):
     cpu = functools.partial(
-      _depthwise_shifted, strides=strides, pads=pads, preferred_element_type=preferred_element_type
+      cpu_kernels.depthwise_shifted,
+      strides=strides,
+      pads=pads,
+      preferred_element_type=preferred_element_type,
     )
   elif feature_group_count == 1 and rhs.shape[:2] == (1, 1):
     cpu = functools.partial(
-      _pointwise_dot,
+      cpu_kernels.pointwise_dot,
       strides=strides,
       pads=pads,
       precision=precision,
@@ -405,7 +290,7 @@ def conv_general_dilated(
     )
   elif 1 < feature_group_count < channels and rhs.shape[2] * feature_group_count == channels:
     cpu = functools.partial(
-      _grouped_taps,
+      cpu_kernels.grouped_taps,
       strides=strides,
       pads=pads,
       groups=feature_group_count,
@@ -424,6 +309,37 @@ def conv_general_dilated(
   if not rewritten_on:
     return native(lhs, rhs)
   return lax.platform_dependent(lhs, rhs, **rewritten_on, default=native)
+
+
+def max_pool(
+  x: jax.Array,
+  window: Sequence[int],
+  strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+) -> jax.Array:
+  """`nn.max_pool` of an NHWC array, with a backward pass that is fast on CPU.
+
+  XLA:CPU expands max pooling's backward (select_and_scatter) into a variadic reduce-window that
+  tracks four int32 index arrays of the input's size, and a scatter (BENCHMARKS.md, section 7).
+  On CPU the forward pass here also records, per output, which kernel offset held the (first)
+  maximum, in int8, and the backward pass routes the gradient with shifted pads
+  (`cpu_kernels.max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties included. GPU
+  and TPU keep `nn.max_pool` (`lax.platform_dependent` lowers only their branch).
+  """
+  window, strides = tuple(window), tuple(strides)
+  native = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+  if (
+    x.ndim != 4
+    or not jnp.issubdtype(x.dtype, jnp.floating)
+    or not cpu_kernels.CPU_BACKWARD["max_pool"]
+  ):
+    return native(x)
+  pads = tuple(
+    tuple(p) for p in cpu_kernels.explicit_padding(padding, x.shape[1:3], window, strides)
+  )
+  cpu = functools.partial(cpu_kernels.max_pool_vjp, window=window, strides=strides, pads=pads)
+  with jax.named_scope("max_pool"):  # names its ops in profiles (bench/profile_step.py)
+    return lax.platform_dependent(x, cpu=cpu, default=native)
 
 
 class SeparableConv(nn.Module):
