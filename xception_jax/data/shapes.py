@@ -46,16 +46,7 @@ SINGLE_LABEL_CLASSES = (
 _TWO_COLOUR_PATTERNS = SINGLE_LABEL_CLASSES[:7]
 _SCENE_SHAPES = ("circle", "square", "triangle")
 
-MULTI_LABEL_PATTERNS = (
-  "horizontal_stripes",
-  "vertical_stripes",
-  "diagonal_stripes",
-  "checkerboard",
-  "polka_dots",
-  "concentric_rings",
-  "speckle",
-  "solid",
-)
+MULTI_LABEL_PATTERNS = (*_TWO_COLOUR_PATTERNS, "solid")
 MULTI_LABEL_COLOURS = {"red": 0.0, "green": 1.0 / 3.0, "blue": 2.0 / 3.0}  # hue centres
 MULTI_LABEL_CLASSES = tuple(
   f"{colour}_{pattern}" for colour in MULTI_LABEL_COLOURS for pattern in MULTI_LABEL_PATTERNS
