@@ -120,14 +120,7 @@ def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
   """Traces the compiled training step; thread-ms per (direction, kind) and per thunk."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
 
-  from xception_jax import models  # pylint: disable=g-import-not-at-top
-  from xception_jax import optim  # pylint: disable=g-import-not-at-top
-  from xception_jax import steps  # pylint: disable=g-import-not-at-top
-  from xception_jax import train  # pylint: disable=g-import-not-at-top
-  from xception_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from xception_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
 
   # The benchmark tool's training step, built as tools/benchmark.run_benchmark builds it.
@@ -140,38 +133,11 @@ def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
     warmup=args.warmup,
     dtype=args.dtype,
   )
-  config = benchmark.build_config(settings)
-  mesh = train.make_mesh(config)
-  model = models.create_model(config, settings.num_classes)
-  tx, schedule = optim.create_optimizer(
-    config, synthetic.NUM_TRAIN_EXAMPLES / args.batch, config.total_steps
-  )
-  state, shardings = steps.create_train_state(model, tx, args.image_size, mesh, config.seed)
-  batches = [
-    synthetic.make_batch(
-      k,
-      args.batch,
-      args.image_size,
-      settings.num_classes,
-      sharding=NamedSharding(mesh, PartitionSpec("data")),
-    )
-    for k in jax.random.split(jax.random.PRNGKey(1), 3)
-  ]
-  step = steps.jit_train_step(
-    steps.make_train_step(
-      config,
-      model,
-      tx,
-      schedule,
-      steps.make_loss_fn("softmax", settings.num_classes, config.label_smoothing),
-      multi_label=False,
-    ),
-    shardings,
-    mesh,
-  )
-  compiled = step.lower(state, batches[0]).compile()
-  holder = {"state": state}
-  del state
+  setup = benchmark.build_step_setup(settings)
+  batches = setup.batches
+  compiled = setup.train_step.lower(setup.state, batches[0]).compile()
+  holder = {"state": setup.state}
+  del setup  # the step donates the state
 
   def run_one(i):
     holder["state"], metrics = compiled(holder["state"], batches[i % 3])

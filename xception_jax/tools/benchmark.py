@@ -56,6 +56,7 @@ import os
 import statistics
 import time
 from typing import Any
+from typing import NamedTuple
 
 from absl import flags
 import jax
@@ -186,7 +187,19 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     return _run_benchmark(settings)
 
 
-def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
+class StepSetup(NamedTuple):
+  """A benchmark point's training job, built by the job's own functions, not yet compiled."""
+
+  mesh: jax.sharding.Mesh
+  model: Any
+  state: Any  # the sharded TrainState; the step donates it
+  train_step: Any  # jitted exactly as train.train_and_evaluate jits it
+  batches: list[dict[str, jax.Array]]  # NUM_INPUT_BATCHES synthetic device batches
+
+
+def build_step_setup(settings: BenchmarkSettings) -> StepSetup:
+  """Model, optimizer, sharded state, jitted training step and device batches for `settings`
+  (also what bench/profile_step.py profiles)."""
   config = build_config(settings)
   mesh = train.make_mesh(config)
   config_check.validate(config, mesh.shape["data"], jax.process_count())
@@ -196,17 +209,30 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
   state, state_shardings = steps.create_train_state(
     model, tx, settings.image_size, mesh, config.seed
   )
-  num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
-  data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
+  loss_fn = steps.make_loss_fn("softmax", settings.num_classes, config.label_smoothing)
+  train_step = steps.jit_train_step(
+    steps.make_train_step(config, model, tx, schedule, loss_fn, multi_label=False),
+    state_shardings,
+    mesh,
+  )
   keys = jax.random.split(jax.random.PRNGKey(1), NUM_INPUT_BATCHES)
+  sharding = NamedSharding(mesh, P("data"))
   batches = [
     synthetic.make_batch(
-      k, settings.batch, settings.image_size, settings.num_classes, sharding=data_sharding
+      k, settings.batch, settings.image_size, settings.num_classes, sharding=sharding
     )
     for k in keys
   ]
   jax.block_until_ready(batches)
+  return StepSetup(mesh, model, state, train_step, batches)
+
+
+def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
+  setup = build_step_setup(settings)
+  model, state, batches = setup.model, setup.state, setup.batches
+  num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+  data_sharding = NamedSharding(setup.mesh, P("data"))
+  replicated = NamedSharding(setup.mesh, P())
 
   def infer(variables, images):
     return model.apply(variables, images, train=False)
@@ -223,20 +249,7 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
   start = time.perf_counter()
   if settings.mode == "train":
-    # Exactly as train.train_and_evaluate compiles it.
-    step_jit = steps.jit_train_step(
-      steps.make_train_step(
-        config,
-        model,
-        tx,
-        schedule,
-        steps.make_loss_fn("softmax", settings.num_classes, config.label_smoothing),
-        multi_label=False,
-      ),
-      state_shardings,
-      mesh,
-    )
-    lowered = step_jit.lower(state, batches[0])
+    lowered = setup.train_step.lower(state, batches[0])
   else:
     lowered = infer_jit.lower(variables, batches[0]["image"])
   compiled = lowered.compile()
@@ -244,14 +257,14 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
   if settings.mode == "train":
     holder = {"state": state}
-    del state, variables  # donated from the first step on
+    del state, variables, setup  # donated from the first step on
 
     def run_one(i):
       holder["state"], metrics = compiled(holder["state"], batches[i % NUM_INPUT_BATCHES])
       return holder["state"], metrics
   else:
     holder = {"state": None}
-    del state  # keep only the EMA weights alive, so peak memory is that of inference
+    del state, setup  # keep only the EMA weights alive, so peak memory is that of inference
 
     def run_one(i):
       return compiled(variables, batches[i % NUM_INPUT_BATCHES]["image"])
