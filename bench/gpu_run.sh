@@ -10,7 +10,8 @@
 #              code picks the formulation), then the grouped convolutions forced to the rewritten
 #              (CPU) formulation at G = 64, ..., 2; a profile of the worst G if its target is missed.
 #   inception  issue 13: Inception V3 train and infer against timm; on Xception (depthwise), the
-#              depthwise and 1x1 convolutions forced to their rewritten forms beside the default.
+#              depthwise and 1x1 convolutions and the max-pool backward forced to their rewritten
+#              (CPU) forms beside the default.
 #
 # Stage budgets, seconds (the budget is the stage's `timeout`; in parentheses what it took on an
 # H200 on 2026-11-28, `first` plan, bench/results/gpu_first_log_h200_2026-11-28.txt, or an estimate
@@ -29,8 +30,9 @@
 #              `--only=spectrum-rewritten` (compile time of the rewritten grouped convolutions on a
 #              GPU is the unknown).
 #   inception: env 60, inception_v3-{train,infer}-{ours,eager,compile} 120/60/150/75/45/120 (est.
-#              as Xception: 100/45/91/42/15/38), xception-formulations 150 (2 points, est. 160:
-#              cut), spectrum-depthwise-rewritten 60 (est. 100: cut), profile 45: est. 10 minutes,
+#              as Xception: 100/45/91/42/15/38), xception-formulations 220 (3 points: native,
+#              max pool's CPU backward, 1x1 rewritten; est. 220: cut), spectrum-depthwise-rewritten
+#              60 (est. 100: cut), profile 45: est. 11 minutes,
 #              so plan on `--only=xception-formulations,spectrum-depthwise-rewritten,profile` in a
 #              second call made at once (a machine stays warm 30 s after a call).
 #
@@ -245,9 +247,9 @@ case $PLAN in
     env_stages
     versus_timm inception_v3
     # Xception (depthwise): as the code picks, then depthwise and 1x1 forced to their rewrites.
-    stage xception-formulations 150 "$PY" bench/run_points.py --tag=xception-formulations \
+    stage xception-formulations 220 "$PY" bench/run_points.py --tag=xception-formulations \
       --jsonl-out="$RESULTS" --common="$SPECTRUM_COMMON" --segments=depthwise \
-      --segments=depthwise:pointwise=rewritten
+      --segments=depthwise:max_pool=rewritten --segments=depthwise:pointwise=rewritten
     stage spectrum-depthwise-rewritten 60 "$PY" bench/run_points.py --tag=spectrum-rewritten \
       --jsonl-out="$RESULTS" --common="$SPECTRUM_COMMON" --segments=depthwise:depthwise=rewritten
     profile_stage

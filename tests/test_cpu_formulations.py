@@ -243,12 +243,20 @@ def test_max_pool_matches_native(x_shape, window, strides, padding, dtype):
 
 def test_max_pool_backward_is_rewritten_on_cpu_only():
   x = _normal(0, (2, 9, 9, 4), jnp.bfloat16)
-  step = jax.grad(
-    lambda x: jnp.sum(layers.max_pool(x, (3, 3), (2, 2), "SAME").astype(jnp.float32) ** 2)
-  )
-  assert "stablehlo.select_and_scatter" not in _lowered_ops(step, "cpu", x)
+
+  def step():  # a new function each time: the formulation is chosen when it is traced
+    return jax.grad(
+      lambda x: jnp.sum(layers.max_pool(x, (3, 3), (2, 2), "SAME").astype(jnp.float32) ** 2)
+    )
+
+  assert "stablehlo.select_and_scatter" not in _lowered_ops(step(), "cpu", x)
   for platform in ("cuda", "tpu"):
-    assert "stablehlo.select_and_scatter" in _lowered_ops(step, platform, x), platform
+    assert "stablehlo.select_and_scatter" in _lowered_ops(step(), platform, x), platform
+  # Forced either way on every platform, for measuring (tools/benchmark.py --conv_formulation).
+  with layers.conv_formulation("max_pool=rewritten"):
+    assert "stablehlo.select_and_scatter" not in _lowered_ops(step(), "cuda", x)
+  with layers.conv_formulation("max_pool=native"):
+    assert "stablehlo.select_and_scatter" in _lowered_ops(step(), "cpu", x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])

@@ -162,14 +162,19 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
 #     rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
 #     (`conv_formulation`, the benchmark's --conv_formulation); this table gets the winner per
 #     kind with a pointer to the numbers.
+#   max_pool (not a convolution, but the same choice): on CPU the hand-written backward of
+#     `cpu_kernels.max_pool_vjp` (BENCHMARKS.md section 7); on CUDA the native select-and-scatter,
+#     whose scatters took 8% of the H200's kernel time (section 1): `bench/gpu_run.sh inception`
+#     measures the CPU form there.
 # ----------------------------------------------------------------------------------------------
 
-CONV_KINDS = ("depthwise", "grouped", "pointwise")
+CONV_KINDS = ("depthwise", "grouped", "pointwise", "max_pool")
 CONV_FORMS = ("native", "rewritten")
 CONV_FORMULATIONS: dict[str, dict[str, str]] = {
   "depthwise": {"cpu": "rewritten", "cuda": "native"},
   "grouped": {"cpu": "rewritten", "cuda": "native"},
   "pointwise": {"cpu": "rewritten", "cuda": "native"},
+  "max_pool": {"cpu": "rewritten", "cuda": "native"},
 }
 
 _forced_formulations: dict[str, str] = {}  # set by `conv_formulation` only
@@ -299,16 +304,21 @@ def conv_general_dilated(
     )
   else:
     return native(lhs, rhs)
-  kind = _conv_kind(feature_group_count, channels, rhs)
+  return _by_table(_conv_kind(feature_group_count, channels, rhs), cpu, native, lhs, rhs)
+
+
+def _by_table(kind: str, rewritten: Callable, native: Callable, *args: jax.Array) -> jax.Array:
+  """`rewritten(*args)` or `native(*args)` as `CONV_FORMULATIONS[kind]` (or a forced
+  `conv_formulation`) says, per platform through `lax.platform_dependent`."""
   forced = _forced_formulations.get(kind)
   if forced is not None:  # `conv_formulation(...)`: the same form on every platform
-    return (cpu if forced == "rewritten" else native)(lhs, rhs)
+    return (rewritten if forced == "rewritten" else native)(*args)
   rewritten_on = {
-    platform: cpu for platform, form in CONV_FORMULATIONS[kind].items() if form == "rewritten"
+    platform: rewritten for platform, form in CONV_FORMULATIONS[kind].items() if form == "rewritten"
   }
   if not rewritten_on:
-    return native(lhs, rhs)
-  return lax.platform_dependent(lhs, rhs, **rewritten_on, default=native)
+    return native(*args)
+  return lax.platform_dependent(*args, **rewritten_on, default=native)
 
 
 def max_pool(
@@ -323,8 +333,8 @@ def max_pool(
   tracks four int32 index arrays of the input's size, and a scatter (BENCHMARKS.md, section 7).
   On CPU the forward pass here also records, per output, which kernel offset held the (first)
   maximum, in int8, and the backward pass routes the gradient with shifted pads
-  (`cpu_kernels.max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties included. GPU
-  and TPU keep `nn.max_pool` (`lax.platform_dependent` lowers only their branch).
+  (`cpu_kernels.max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties
+  included. Where each form runs: `CONV_FORMULATIONS["max_pool"]` (GPU and TPU: `nn.max_pool`).
   """
   window, strides = tuple(window), tuple(strides)
   native = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
@@ -339,7 +349,7 @@ def max_pool(
   )
   cpu = functools.partial(cpu_kernels.max_pool_vjp, window=window, strides=strides, pads=pads)
   with jax.named_scope("max_pool"):  # names its ops in profiles (bench/profile_step.py)
-    return lax.platform_dependent(x, cpu=cpu, default=native)
+    return _by_table("max_pool", cpu, native, x)
 
 
 class SeparableConv(nn.Module):

@@ -37,7 +37,7 @@ What is printed (and with --json, one JSON object):
                    lowered step, which shows which formulation was compiled.
 
 --conv_formulation=native|rewritten|KIND=FORM,... forces the depthwise, grouped or pointwise
-convolutions to the native op or to their rewritten form on any platform (`layers.
+convolutions (or max pooling) to the native op or to their rewritten form on any platform (`layers.
 conv_formulation`), to measure one against the other on the device at hand. --profile_dir=DIR
 traces PROFILE_STEPS more steps after the timed ones with `jax.profiler.trace` (TensorBoard /
 xprof format; `bench/profile_summary.py DIR` lists the top kernels).
@@ -413,7 +413,7 @@ flags.DEFINE_string(
   _DEFAULTS.conv_formulation,
   "auto (the platform table "
   "in models/layers.py) | native | rewritten | KIND=FORM,... with KIND "
-  "depthwise, grouped, pointwise.",
+  "depthwise, grouped, pointwise, max_pool.",
   flag_values=FLAGS,
 )
 flags.DEFINE_string(
