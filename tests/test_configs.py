@@ -116,7 +116,20 @@ def test_recipes_have_the_papers_settings():
   ) == ("rmsprop_tf", 0.001, 0.9, 3_000_000, "sigmoid", (4096, 4096), "open_images_v4")
 
 
-@pytest.mark.parametrize("path", RUNLOCAL_FILES, ids=os.path.basename)
+# Inception V3's runlocal run is the suite's second slowest test (about 57 s of compiling on 2
+# cores); its training step is covered in the default run by tests/test_inception_v3.py's tiny
+# variant, so this one runs with `python -m pytest -q -m slow tests/test_configs.py`.
+_SLOW_RUNLOCAL = {"inception_v3_imagenet.py"}
+
+
+@pytest.mark.parametrize(
+  "path",
+  [
+    pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in _SLOW_RUNLOCAL else p
+    for p in RUNLOCAL_FILES
+  ],
+  ids=os.path.basename,
+)
 def test_runlocal_runs_two_steps(path, tmp_path):
   config = load_config(path, "runlocal")
   config.total_steps = 2
