@@ -202,7 +202,9 @@ def read_state(
       restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
       return restored, int(chosen)
     except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax: no common type)
-      still_there = chosen in finished_steps(directory)
+      # A trainer deleting this step removes its files before its folder leaves the listing
+      # (seen under load: state/ gone, step still listed), so both must still be there.
+      still_there = chosen in finished_steps(directory) and item_dir.exists()
       if still_there and attempt >= 1:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(
