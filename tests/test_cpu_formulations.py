@@ -79,6 +79,14 @@ CONVS = [
   ((1, 6, 5, 80), (3, 3, 4, 80), (2, 2), "SAME", 20),
   ((1, 5, 5, 64), (3, 3, 4, 32), (1, 1), "SAME", 16),
   ((1, 5, 5, 96), (3, 3, 48, 96), (1, 1), "SAME", 2),
+  # Regular convs (one group): the stem's 3x3 VALID at strides 2 and 1, SAME on even sizes,
+  # Inception's 1x7 / 7x1 and a strided 5x5.
+  ((2, 9, 9, 3), (3, 3, 3, 8), (2, 2), "VALID", 1),
+  ((2, 7, 8, 8), (3, 3, 8, 12), (1, 1), "VALID", 1),
+  ((2, 8, 6, 8), (3, 3, 8, 8), (1, 1), "SAME", 1),
+  ((1, 9, 9, 8), (1, 7, 8, 8), (1, 1), "SAME", 1),
+  ((1, 9, 9, 8), (7, 1, 8, 8), (1, 1), "SAME", 1),
+  ((1, 10, 9, 4), (5, 5, 4, 8), (2, 2), "SAME", 1),
 ]
 
 
@@ -144,14 +152,19 @@ def test_cpu_program_uses_rewrites_and_other_platforms_keep_native_ops():
     assert "convolution" in _lowered_ops(step, platform, x, w, w1), platform
 
 
-def test_regular_convs_fall_through_to_native():
-  """Regular (one-segment) 3x3 convs are the native op on CPU too, unchanged; grouped ones are
-  rewritten there but stay native on GPU and TPU."""
+def test_regular_convs_keep_native_forward_and_rewrite_kernel_gradient_on_cpu_only():
+  """Regular (one-segment) 3x3 convs keep the native forward pass and input gradient on CPU too,
+  with the kernel gradient as matrix products there (GPU and TPU: three native convolutions);
+  grouped ones are rewritten on CPU but stay native on GPU and TPU."""
   x = _normal(0, (1, 6, 6, 8))
   w = _normal(1, (3, 3, 8, 8))
-  assert "convolution" in _lowered_ops(
-    lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 1), "cpu", x, w
-  )
+  regular = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 1)
+  grads = jax.grad(lambda x, w: jnp.sum(regular(x, w) ** 2), argnums=(0, 1))
+  assert _lowered_ops(grads, "cpu", x, w).count("stablehlo.convolution") == 2
+  assert "dot_general" in _lowered_ops(grads, "cpu", x, w)
+  for platform in ("cuda", "tpu"):
+    ops = _lowered_ops(grads, platform, x, w)
+    assert ops.count("stablehlo.convolution") == 3 and "dot_general" not in ops, platform
   np.testing.assert_allclose(
     _ours_conv(x, w, (1, 1), "SAME", 1), _native_conv(x, w, (1, 1), "SAME", 1), rtol=1e-6, atol=1e-6
   )

@@ -24,7 +24,13 @@ import jax.numpy as jnp
 
 # Which hand-written CPU backward passes are used (the rest differentiate automatically); for
 # measuring each against XLA's own derivative (BENCHMARKS.md, "CPU: ours against PyTorch/timm").
-CPU_BACKWARD = {"depthwise": True, "pointwise": True, "batch_norm": True, "max_pool": True}
+CPU_BACKWARD = {
+  "depthwise": True,
+  "pointwise": True,
+  "regular": True,
+  "batch_norm": True,
+  "max_pool": True,
+}
 
 
 def _batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -331,6 +337,84 @@ def grouped_taps(
     out = term if out is None else out + term
   out = jnp.moveaxis(out, 0, 3).reshape(b, ho, wo, out_channels)
   return out.astype(preferred_element_type or lhs.dtype)
+
+
+def _kernel_grad_by_rows(
+  xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int], acc: Any
+) -> jax.Array:
+  """[kh, kw, C, C_out]: the kernel gradient of a one-group conv of the padded input xp, as kh
+  matrix products over the batch and pixels.
+
+  The kw horizontal offsets are gathered once into channels (P[b, y, x, j * C + c] = xp[b, y,
+  sw * x + j, c]: one concatenation of kw column-shifted slices, which XLA:CPU writes at memory
+  speed), and each kernel row i is then one product P[:, i::sh][:, :Ho]^T @ g of shape [kw * C,
+  C_out]. The 9-way concatenation of a full im2col, by contrast, ran at a tenth of that speed.
+  """
+  (kh, kw), (sh, sw) = window, strides
+  b, ho, wo, c_out = g.shape
+  hp, c = xp.shape[1], xp.shape[3]
+  columns = [
+    lax.slice(xp, (0, 0, j, 0), (b, hp, j + sw * (wo - 1) + 1, c), (1, 1, sw, 1)) for j in range(kw)
+  ]
+  p = columns[0] if kw == 1 else jnp.concatenate(columns, axis=-1)  # [b, hp, wo, kw * c]
+  rows = []
+  for i in range(kh):
+    p_i = lax.slice(p, (0, i, 0, 0), (b, i + sh * (ho - 1) + 1, wo, kw * c), (1, sh, 1, 1))
+    rows.append(
+      lax.dot_general(p_i, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=acc)
+    )
+  return jnp.stack(rows).reshape(kh, kw, c, c_out)
+
+
+def _native_padded(xp, rhs, strides, out_dtype):
+  return lax.conv_general_dilated(
+    xp, rhs, strides, "VALID", dimension_numbers=_NHWC, preferred_element_type=out_dtype
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _regular_vjp(
+  xp: jax.Array, rhs: jax.Array, strides: tuple[int, ...], out_dtype: Any
+) -> jax.Array:
+  return _native_padded(xp, rhs, strides, out_dtype)
+
+
+def _regular_fwd(xp, rhs, strides, out_dtype):
+  return _native_padded(xp, rhs, strides, out_dtype), (xp, rhs)
+
+
+def _regular_bwd(strides, out_dtype, residuals, g):
+  """Input gradient: XLA's own (a convolution XLA:CPU runs fast); kernel gradient: per kernel
+  row, one matrix product (`_kernel_grad_by_rows`) instead of XLA:CPU's backward-filter
+  convolution, which took 350 ms of the 71x71 Xception step's 1.9 s for block1_conv2 alone
+  (BENCHMARKS.md, section 7)."""
+  xp, rhs = lax.optimization_barrier(residuals)
+  _, input_vjp = jax.vjp(lambda x: _native_padded(x, rhs, strides, out_dtype), xp)
+  (grad_xp,) = input_vjp(g)
+  acc = jnp.promote_types(xp.dtype, jnp.float32)
+  grad_rhs = _kernel_grad_by_rows(xp, g, rhs.shape[:2], strides, acc)
+  return grad_xp, grad_rhs.astype(rhs.dtype)
+
+
+_regular_vjp.defvjp(_regular_fwd, _regular_bwd)
+
+
+def regular_rows(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  strides: Sequence[int],
+  pads: Sequence[tuple[int, int]],
+  preferred_element_type: Any,
+) -> jax.Array:
+  """A one-group convolution with a kernel larger than 1x1 (rhs (kh, kw, C, C_out)): XLA's
+  forward pass and input gradient, with the kernel gradient as kh matrix products
+  (`_kernel_grad_by_rows`). The stem's 3x3 convolutions, the spectrum's G = 1 layers and
+  Inception's regular convolutions. Returns `preferred_element_type` or the input dtype."""
+  xp = _pad_nhwc(lhs, 0, pads) if any(p != (0, 0) for p in pads) else lhs
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  if not CPU_BACKWARD["regular"]:
+    return _native_padded(xp, rhs, tuple(strides), out_dtype)
+  return _regular_vjp(xp, rhs, tuple(strides), out_dtype)
 
 
 @jax.custom_vjp

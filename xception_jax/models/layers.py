@@ -168,12 +168,13 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
 #     measures the CPU form there.
 # ----------------------------------------------------------------------------------------------
 
-CONV_KINDS = ("depthwise", "grouped", "pointwise", "max_pool")
+CONV_KINDS = ("depthwise", "grouped", "pointwise", "regular", "max_pool")
 CONV_FORMS = ("native", "rewritten")
 CONV_FORMULATIONS: dict[str, dict[str, str]] = {
   "depthwise": {"cpu": "rewritten", "cuda": "native"},
   "grouped": {"cpu": "rewritten", "cuda": "native"},
   "pointwise": {"cpu": "rewritten", "cuda": "native"},
+  "regular": {"cpu": "rewritten", "cuda": "native"},
   "max_pool": {"cpu": "rewritten", "cuda": "native"},
 }
 
@@ -181,11 +182,12 @@ _forced_formulations: dict[str, str] = {}  # set by `conv_formulation` only
 
 
 def _conv_kind(feature_group_count: int, channels: int, rhs: jax.Array) -> str:
-  """'depthwise', 'pointwise' (1x1, one group) or 'grouped', for a conv that has a rewrite."""
+  """'depthwise', 'pointwise' (1x1, one group), 'regular' (one group, larger kernel) or
+  'grouped', for a conv that has a rewrite."""
   if feature_group_count == channels:
     return "depthwise"
-  if feature_group_count == 1 and rhs.shape[:2] == (1, 1):
-    return "pointwise"
+  if feature_group_count == 1:
+    return "pointwise" if rhs.shape[:2] == (1, 1) else "regular"
   return "grouped"
 
 
@@ -300,6 +302,13 @@ def conv_general_dilated(
       pads=pads,
       groups=feature_group_count,
       precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+  elif feature_group_count == 1 and rhs.shape[2] == channels and precision is None:
+    cpu = functools.partial(
+      cpu_kernels.regular_rows,
+      strides=strides,
+      pads=pads,
       preferred_element_type=preferred_element_type,
     )
   else:

@@ -202,6 +202,8 @@ class Xception(nn.Module):
         strides=(stem.stride, stem.stride),
         padding="VALID",
         name=stem.name,
+        # On CPU, XLA's kernel gradient of these convs is replaced by matrix products.
+        conv_general_dilated=layers.conv_general_dilated,
       )(x)
       x = nn.relu(batch_norm(name=xception_arch.bn_name(stem.name))(x))
 
