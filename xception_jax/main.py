@@ -24,6 +24,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from xception_jax import distributed
+from xception_jax import host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -115,6 +116,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _keep_console_readable()
+  host_memory.keep_freed_host_memory()  # before JAX starts its CPU client (see the module)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from xception_jax import preemption  # pylint: disable=g-import-not-at-top  (after initialize)
   from xception_jax import train  # pylint: disable=g-import-not-at-top
