@@ -119,6 +119,9 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
 def profile_ours(args: argparse.Namespace) -> dict[str, Any]:
   """Traces the compiled training step; thread-ms per (direction, kind) and per thunk."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+  from xception_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+  host_memory.keep_freed_host_memory()  # as the benchmark tool and the training command do
   import jax  # pylint: disable=g-import-not-at-top
 
   from xception_jax.tools import benchmark  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,6 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported), quiet TensorFlow logs, and one
-on-disk JAX compilation cache for the session.
+"""Test set-up: 8 fake CPU devices (before jax is imported), quiet TensorFlow logs, one
+on-disk JAX compilation cache for the session, and the host-memory settings of CPU runs
+(`xception_jax/host_memory.py`, before JAX starts).
 
 JAX runs on the CPU (JAX_PLATFORMS=cpu unless set), except when the marker expression selects
 the `gpu` tests (`python -m pytest -q -m gpu tests/gpu`): those need the machine's accelerator,
@@ -35,3 +36,7 @@ def pytest_configure(config):
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   if not _selects_gpu_tests(config.getoption("markexpr") or ""):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # As the training command does on a CPU: step buffers reused, not faulted in again.
+    from xception_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+    host_memory.keep_freed_host_memory()

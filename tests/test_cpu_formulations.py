@@ -165,13 +165,13 @@ def test_regular_convs_keep_native_forward_and_rewrite_kernel_gradient_on_cpu_on
   for platform in ("cuda", "tpu"):
     ops = _lowered_ops(grads, platform, x, w)
     assert ops.count("stablehlo.convolution") == 3 and "dot_general" not in ops, platform
-  np.testing.assert_allclose(
-    _ours_conv(x, w, (1, 1), "SAME", 1), _native_conv(x, w, (1, 1), "SAME", 1), rtol=1e-6, atol=1e-6
-  )
   grouped = lambda x, w: _ours_conv(x, w, (1, 1), "SAME", 4)
   w4 = _normal(1, (3, 3, 2, 8))
   assert "convolution" not in _lowered_ops(grouped, "cpu", x, w4)
   assert "convolution" in _lowered_ops(grouped, "cuda", x, w4)
+  # Called eagerly (not traced), every kind is the native op itself: one op instead of a
+  # branch per platform compiled op by op (an un-jitted model.init).
+  np.testing.assert_array_equal(grouped(x, w4), _native_conv(x, w4, (1, 1), "SAME", 4))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])

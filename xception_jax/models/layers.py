@@ -322,6 +322,11 @@ def _by_table(kind: str, rewritten: Callable, native: Callable, *args: jax.Array
   forced = _forced_formulations.get(kind)
   if forced is not None:  # `conv_formulation(...)`: the same form on every platform
     return (rewritten if forced == "rewritten" else native)(*args)
+  if not any(isinstance(a, jax.core.Tracer) for a in args):
+    # Called eagerly (an un-jitted `model.init` or `apply`): JAX would compile both branches op by
+    # op for this one call (30 s for xception_tiny's init); the native op is one op and computes
+    # the same values. Jitted code, where speed matters, always traces.
+    return native(*args)
   rewritten_on = {
     platform: rewritten for platform, form in CONV_FORMULATIONS[kind].items() if form == "rewritten"
   }
