@@ -104,7 +104,8 @@ def test_reference_counts_match_the_paper_and_keras():
 def test_init_apply_contract():
   model = models.create("xception_tiny", num_classes=5, dropout_rate=0.5)
   images = _images((80, 80), batch=4)
-  variables = model.init(jax.random.key(0), images, train=False)
+  # Jitted: eagerly, init compiles each initializer and op on its own (about 20 s here).
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images)
   assert set(variables) == {"params", "batch_stats"}
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
   assert logits.shape == (4, 5) and logits.dtype == jnp.float32
