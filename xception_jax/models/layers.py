@@ -149,19 +149,23 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
 # measurement says another form is faster somewhere. `conv_general_dilated` reads it at trace time
 # and lowers, through `lax.platform_dependent`, only the branch of the platform compiled for.
 # "rewritten" = `cpu_kernels.depthwise_shifted`, `cpu_kernels.grouped_taps` (with
-# `cpu_kernels.merged_groups`) and `cpu_kernels.pointwise_dot`; "native" =
-# `lax.conv_general_dilated`. Platforms not listed (tpu, rocm) get the native convolution.
+# `cpu_kernels.merged_groups`), `cpu_kernels.pointwise_dot` and `cpu_kernels.regular_rows`;
+# "native" = `lax.conv_general_dilated`. Platforms not listed (tpu, rocm) get the native one.
 #
 # What each entry rests on:
-#   cpu, all three kinds: BENCHMARKS.md section 3 (the Xception training step about 2.6x faster
+#   cpu, depthwise, grouped, pointwise: BENCHMARKS.md section 3 (the Xception training step about 2.6x faster
 #     with the depthwise and 1x1 rewrites; the depthwise layer's forward and backward 3-60x) and
 #     section 2b (grouped convolutions: the step at G = 2..32 4-33x faster).
-#   cuda, all three kinds: native. Measured so far (BENCHMARKS.md section 1, H200): the native
+#   cuda, depthwise, grouped, pointwise: native. Measured so far (BENCHMARKS.md section 1, H200): the native
 #     step, in which cuDNN's depthwise kernels take 20% of the kernel time. The comparison is
 #     prepared: `bench/gpu_run.sh spectrum` times G = 2..64 with the grouped convs forced to the
 #     rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
 #     (`conv_formulation`, the benchmark's --conv_formulation); this table gets the winner per
 #     kind with a pointer to the numbers.
+#   regular (one group, kernel larger than 1x1: the stem, the spectrum's G = 1, Inception's
+#     convs when routed here): on CPU XLA's forward pass and input gradient with the kernel
+#     gradient as row products (`cpu_kernels.regular_rows`; block1_conv2's backward-filter conv
+#     350 ms -> 52 ms, BENCHMARKS.md section 7); on CUDA native (cuDNN).
 #   max_pool (not a convolution, but the same choice): on CPU the hand-written backward of
 #     `cpu_kernels.max_pool_vjp` (BENCHMARKS.md section 7); on CUDA the native select-and-scatter,
 #     whose scatters took 8% of the H200's kernel time (section 1): `bench/gpu_run.sh inception`
