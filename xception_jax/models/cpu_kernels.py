@@ -1,11 +1,10 @@
 """The CPU formulations: convolutions as products, and hand-written backward passes.
 
 XLA:CPU runs the depthwise 3x3 convolution (above all its two backward convolutions), grouped
-convolutions and the weight gradient of 1x1 convolutions far below the machine's rate, and the
-backward passes it derives for batch norm and max pooling materialise shifted copies,
-transposes and index arrays of the activations. These functions compute the same values in forms
-XLA:CPU runs well (shifted multiply-adds, group-batched matrix products, a matrix product over
-channels; closed-form batch-norm and max-pool gradients). `layers` picks them per platform with
+convolutions and the kernel gradients of 1x1 and regular convolutions far below the machine's
+rate. These functions compute the same values in forms XLA:CPU runs well (shifted multiply-adds,
+group-batched matrix products, matrix products over channels or kernel rows); the batch-norm and
+max-pool backward passes are in `cpu_norm_pool`. `layers` picks them per platform with
 `lax.platform_dependent` (the table `layers.CONV_FORMULATIONS`), so GPU and TPU programs keep the
 native ops. What each one gained, and what was tried and dropped: BENCHMARKS.md, sections 3, 2b
 and "CPU: ours against PyTorch/timm".
@@ -31,63 +30,6 @@ CPU_BACKWARD = {
   "batch_norm": True,
   "max_pool": True,
 }
-
-
-def _batch_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batch mean and variance over all but the last axis, as Flax computes them in training
-  (float32, Var = E[x^2] - E[x]^2 clipped at 0)."""
-  axes = tuple(range(x.ndim - 1))
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean, mean2 = xf.mean(axes), lax.square(xf).mean(axes)
-  return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
-
-
-def _batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype):
-  """Flax's `_normalize`, op for op: (x - mean) * (rsqrt(var + eps) * scale) + bias."""
-  mul = lax.rsqrt(var + epsilon) * scale
-  return jnp.asarray((x - mean) * mul + bias, dtype)
-
-
-def batch_norm_native(x, scale, bias, epsilon, dtype):
-  mean, var = _batch_norm_stats(x)
-  return _batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype), mean, var
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_vjp(x, scale, bias, epsilon, dtype):
-  return batch_norm_native(x, scale, bias, epsilon, dtype)
-
-
-def _batch_norm_fwd(x, scale, bias, epsilon, dtype):
-  mean, var = _batch_norm_stats(x)
-  y = _batch_norm_apply(x, mean, var, scale, bias, epsilon, dtype)
-  return (y, mean, var), (x, mean, var, scale)
-
-
-def batch_norm_bwd(epsilon, dtype, residuals, cotangents):
-  """The batch-norm gradient in closed form: two per-channel sums over (g, x) and one
-  elementwise pass. Also exact for cotangents of the returned mean and variance."""
-  del dtype
-  # As in `_depthwise_bwd`: no x - mean shared with (and materialised by) the forward pass.
-  x, mean, var, scale = lax.optimization_barrier(residuals)
-  g, g_mean, g_var = cotangents
-  acc = mean.dtype
-  axes = tuple(range(x.ndim - 1))
-  n = x.size // x.shape[-1]
-  inv = lax.rsqrt(var + epsilon)
-  xf, g = x.astype(acc), g.astype(acc)
-  sum_g, sum_gc = jnp.sum(g, axes), jnp.sum(g * (xf - mean), axes)
-  # var = max(0, E[x^2] - E[x]^2): dvar/dx = 2 (x - mean) / n where not clipped, else 0.
-  d_var = (g_var - 0.5 * scale * inv**3 * sum_gc) * (var > 0)
-  d_mean = g_mean - inv * scale * sum_g
-  # grad_x = g * inv * scale + d_mean / n + (x - mean) * 2 d_var / n, written affine in x so
-  # that no x - mean array is shared with (and materialised for) the sum above.
-  slope = 2.0 * d_var / n
-  grad_x = g * (inv * scale) + xf * slope + (d_mean / n - mean * slope)
-  return (grad_x.astype(x.dtype), (sum_gc * inv).astype(scale.dtype), sum_g.astype(scale.dtype))
-
-
-batch_norm_vjp.defvjp(_batch_norm_fwd, batch_norm_bwd)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -117,12 +59,12 @@ def explicit_padding(
   return [tuple(p) for p in padding]
 
 
-def _pad_nhwc(x: jax.Array, value: Any, pads: Sequence[tuple[int, int]]) -> jax.Array:
+def pad_nhwc(x: jax.Array, value: Any, pads: Sequence[tuple[int, int]]) -> jax.Array:
   """lax.pad of the two spatial dims of an NHWC array (negative pads crop, as in lax.pad)."""
   return lax.pad(x, jnp.array(value, x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
 
 
-def _window_slices(
+def window_slices(
   xp: jax.Array, window: Sequence[int], strides: Sequence[int], out_hw: Sequence[int]
 ):
   """Yields ((i, j), slice) for every kernel offset: xp[:, i::sh, j::sw][:, :Ho, :Wo]."""
@@ -139,7 +81,7 @@ def _shifted_products(
 ) -> jax.Array:
   """sum over kernel offsets (i, j) of xp[:, i::sh, j::sw][:, :Ho, :Wo] * taps[i, j], in acc."""
   out = None
-  for (i, j), window in _window_slices(xp, taps.shape[:2], strides, out_hw):
+  for (i, j), window in window_slices(xp, taps.shape[:2], strides, out_hw):
     term = window.astype(acc) * taps[i, j].astype(acc)
     out = term if out is None else out + term
   return out
@@ -158,7 +100,7 @@ def _depthwise_vjp(
 
 def _depthwise_fwd(lhs, rhs, strides, pads, out_dtype):
   kh, kw = rhs.shape[:2]
-  xp = _pad_nhwc(lhs, 0, pads)
+  xp = pad_nhwc(lhs, 0, pads)
   out_hw = [(xp.shape[1 + d] - (kh, kw)[d]) // strides[d] + 1 for d in range(2)]
   acc = jnp.promote_types(lhs.dtype, jnp.float32)
   # The padded input is the residual: XLA materialises it for the forward pass anyway, and the
@@ -182,7 +124,7 @@ def _window_sums(
   over [offsets, H, W, C] that reads the activation and its gradient once), and only the
   remaining pixel sums, of a plain array, are reductions (BENCHMARKS.md, section 7).
   """
-  windows = [w for _, w in _window_slices(xp, window, strides, g.shape[1:3])]
+  windows = [w for _, w in window_slices(xp, window, strides, g.shape[1:3])]
   # The data-parallel step shards the batch over the devices: viewed as [shards, images per
   # shard, ...], the image-by-image slices below stay within a shard (slicing the sharded batch
   # axis itself made the SPMD partitioner move whole images between devices).
@@ -320,13 +262,13 @@ def grouped_taps(
   rhs, groups = merged_groups(rhs, groups)
   kh, kw, group_in, out_channels = rhs.shape
   d = out_channels // groups
-  xp = _pad_nhwc(lhs, 0, pads)
+  xp = pad_nhwc(lhs, 0, pads)
   b = lhs.shape[0]
   ho, wo = [(xp.shape[1 + k] - (kh, kw)[k]) // strides[k] + 1 for k in range(2)]
   kernel = rhs.reshape(kh, kw, group_in, groups, d)
   acc = jnp.promote_types(lhs.dtype, jnp.float32)
   out = None  # [groups, b, ho, wo, d]: dot_general puts the batch (group) dimension first
-  for (i, j), window in _window_slices(xp, (kh, kw), strides, (ho, wo)):
+  for (i, j), window in window_slices(xp, (kh, kw), strides, (ho, wo)):
     term = lax.dot_general(
       window.reshape(b, ho, wo, groups, group_in),
       kernel[i, j],
@@ -410,7 +352,7 @@ def regular_rows(
   forward pass and input gradient, with the kernel gradient as kh matrix products
   (`_kernel_grad_by_rows`). The stem's 3x3 convolutions, the spectrum's G = 1 layers and
   Inception's regular convolutions. Returns `preferred_element_type` or the input dtype."""
-  xp = _pad_nhwc(lhs, 0, pads) if any(p != (0, 0) for p in pads) else lhs
+  xp = pad_nhwc(lhs, 0, pads) if any(p != (0, 0) for p in pads) else lhs
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   if not CPU_BACKWARD["regular"]:
     return _native_padded(xp, rhs, tuple(strides), out_dtype)
@@ -461,7 +403,7 @@ def pointwise_dot(
   (Flax passes neither) the product is `_channel_dot`, whose gradients are explicit 2-D products.
   """
   if any(p != (0, 0) for p in pads):
-    lhs = _pad_nhwc(lhs, 0, pads)
+    lhs = pad_nhwc(lhs, 0, pads)
   if tuple(strides) != (1, 1):
     lhs = lhs[:, :: strides[0], :: strides[1], :]
   if precision is None and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype:
@@ -474,66 +416,3 @@ def pointwise_dot(
     precision=precision,
     preferred_element_type=preferred_element_type,
   )
-
-
-def _first_max(
-  xp: jax.Array, window: Sequence[int], strides: Sequence[int], out_hw: Sequence[int]
-) -> tuple[jax.Array, jax.Array]:
-  """Max over each window of xp and the first kernel offset (row-major) that reaches it (int8)."""
-  windows = [w for _, w in _window_slices(xp, window, strides, out_hw)]
-  y = functools.reduce(jnp.maximum, windows)
-  first = jnp.full(y.shape, len(windows) - 1, jnp.int8)
-  for t in range(len(windows) - 2, -1, -1):
-    first = jnp.where(windows[t] == y, jnp.int8(t), first)
-  return y, first
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool_vjp(
-  x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: tuple[tuple[int, int], ...]
-) -> jax.Array:
-  return _max_pool_fwd(x, window, strides, pads)[0]
-
-
-def _max_pool_fwd(x, window, strides, pads):
-  xp = _pad_nhwc(x, -jnp.inf, pads)
-  out_hw = [(xp.shape[1 + d] - window[d]) // strides[d] + 1 for d in range(2)]
-  y, first = _first_max(xp, window, strides, out_hw)
-  return y, (first, x.shape)
-
-
-def max_pool_bwd(window, strides, pads, residuals, g):
-  """Routes each output gradient to its window's first maximum, as select_and_scatter does.
-
-  Written per stride phase to avoid interior padding: padded input position s * q + r receives,
-  from every kernel offset t = s * m + r, the gradient of output q - m where that offset won.
-  The s x s phase planes are summed from unit-stride shifted pads, then interleaved.
-  """
-  first, x_shape = residuals
-  (sh, sw), (ho, wo) = strides, g.shape[1:3]
-  hp, wp = (x_shape[1 + d] + sum(pads[d]) for d in range(2))
-  qh, qw = -(-hp // sh), -(-wp // sw)
-  acc = jnp.promote_types(g.dtype, jnp.float32)
-  zero = jnp.zeros((), acc)
-  planes = {}
-  for t, (i, j) in enumerate((i, j) for i in range(window[0]) for j in range(window[1])):
-    contribution = jnp.where(first == t, g.astype(acc), zero)
-    (mi, ri), (mj, rj) = divmod(i, sh), divmod(j, sw)
-    shifted = lax.pad(
-      contribution, zero, [(0, 0, 0), (mi, qh - ho - mi, 0), (mj, qw - wo - mj, 0), (0, 0, 0)]
-    )
-    planes[ri, rj] = shifted + planes[ri, rj] if (ri, rj) in planes else shifted
-  b, c = g.shape[0], g.shape[3]
-  empty = jnp.zeros((b, qh, qw, c), acc)
-  stacked = jnp.stack(
-    [jnp.stack([planes.get((ri, rj), empty) for rj in range(sw)], axis=3) for ri in range(sh)],
-    axis=2,
-  )  # [b, qh, sh, qw, sw, c]
-  gxp = stacked.reshape(b, qh * sh, qw * sw, c)
-  gx = lax.slice(
-    gxp, (0, pads[0][0], pads[1][0], 0), (b, pads[0][0] + x_shape[1], pads[1][0] + x_shape[2], c)
-  )
-  return (gx.astype(g.dtype),)
-
-
-max_pool_vjp.defvjp(_max_pool_fwd, max_pool_bwd)

@@ -13,7 +13,7 @@ channels into `segments` independent groups, from 1 (a regular convolution after
 over groups, so it compiles to a single grouped-convolution kernel on GPU.
 
 On CPU three convolutions get a different but mathematically equal formulation
-(`conv_general_dilated` below, the functions in `cpu_kernels`), chosen per platform with
+(`conv_general_dilated` below, the functions in `cpu_kernels` and `cpu_norm_pool`), chosen per platform with
 `jax.lax.platform_dependent` from one table (`CONV_FORMULATIONS`) so that GPU and TPU keep the
 native convolution that cuDNN and the TPU compiler handle well until a measurement there says
 otherwise. Batch norm in training and max pooling (`max_pool`) also get hand-written backward
@@ -37,6 +37,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from xception_jax.models import cpu_kernels
+from xception_jax.models import cpu_norm_pool
 
 # Keras initialises every conv and dense kernel with glorot_uniform and every bias with zeros.
 # glorot is symmetric in fan-in / fan-out, so Keras's depthwise layout (3, 3, C, 1) and ours
@@ -59,7 +60,7 @@ class BatchNorm(nn.BatchNorm):
 
   Flax's own defaults (epsilon 1e-5) would make Keras-imported weights give different outputs.
   In training mode the normalisation has, on CPU, a hand-written backward pass
-  (`cpu_kernels.batch_norm_bwd`): XLA:CPU's version of the automatic one materialised x - mean in the
+  (`cpu_norm_pool.batch_norm_bwd`): XLA:CPU's version of the automatic one materialised x - mean in the
   forward pass and made several passes over the activations (BENCHMARKS.md, section 7). The
   values, statistics and variables are Flax's; other platforms, evaluation mode and settings
   this project does not use (a mask, an `axis_name`, another axis) run Flax's code.
@@ -102,9 +103,11 @@ class BatchNorm(nn.BatchNorm):
     ones = jnp.ones(features, jnp.float32)
     scale = ones if scale is None else scale
     bias = ones * 0 if bias is None else bias
-    fn = functools.partial(cpu_kernels.batch_norm_vjp, epsilon=self.epsilon, dtype=jnp.dtype(dtype))
+    fn = functools.partial(
+      cpu_norm_pool.batch_norm_vjp, epsilon=self.epsilon, dtype=jnp.dtype(dtype)
+    )
     native = functools.partial(
-      cpu_kernels.batch_norm_native, epsilon=self.epsilon, dtype=jnp.dtype(dtype)
+      cpu_norm_pool.batch_norm_native, epsilon=self.epsilon, dtype=jnp.dtype(dtype)
     )
     y, mean, var = lax.platform_dependent(x, scale, bias, cpu=fn, default=native)
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
@@ -167,7 +170,7 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
 #     gradient as row products (`cpu_kernels.regular_rows`; block1_conv2's backward-filter conv
 #     350 ms -> 52 ms, BENCHMARKS.md section 7); on CUDA native (cuDNN).
 #   max_pool (not a convolution, but the same choice): on CPU the hand-written backward of
-#     `cpu_kernels.max_pool_vjp` (BENCHMARKS.md section 7); on CUDA the native select-and-scatter,
+#     `cpu_norm_pool.max_pool_vjp` (BENCHMARKS.md section 7); on CUDA the native select-and-scatter,
 #     whose scatters took 8% of the H200's kernel time (section 1): `bench/gpu_run.sh inception`
 #     measures the CPU form there.
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +354,7 @@ def max_pool(
   tracks four int32 index arrays of the input's size, and a scatter (BENCHMARKS.md, section 7).
   On CPU the forward pass here also records, per output, which kernel offset held the (first)
   maximum, in int8, and the backward pass routes the gradient with shifted pads
-  (`cpu_kernels.max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties
+  (`cpu_norm_pool.max_pool_bwd`); the values and gradients are those of `nn.max_pool`, ties
   included. Where each form runs: `CONV_FORMULATIONS["max_pool"]` (GPU and TPU: `nn.max_pool`).
   """
   window, strides = tuple(window), tuple(strides)
@@ -365,7 +368,7 @@ def max_pool(
   pads = tuple(
     tuple(p) for p in cpu_kernels.explicit_padding(padding, x.shape[1:3], window, strides)
   )
-  cpu = functools.partial(cpu_kernels.max_pool_vjp, window=window, strides=strides, pads=pads)
+  cpu = functools.partial(cpu_norm_pool.max_pool_vjp, window=window, strides=strides, pads=pads)
   with jax.named_scope("max_pool"):  # names its ops in profiles (bench/profile_step.py)
     return _by_table("max_pool", cpu, native, x)
 
