@@ -293,18 +293,14 @@ def _kernel_grad_by_rows(
   C_out]. The 9-way concatenation of a full im2col, by contrast, ran at a tenth of that speed.
   """
   (kh, kw), (sh, sw) = window, strides
-  b, ho, wo, c_out = g.shape
+  ho, wo, c_out = g.shape[1:]
   hp, c = xp.shape[1], xp.shape[3]
-  columns = [
-    lax.slice(xp, (0, 0, j, 0), (b, hp, j + sw * (wo - 1) + 1, c), (1, 1, sw, 1)) for j in range(kw)
-  ]
+  columns = [w for _, w in window_slices(xp, (1, kw), (1, sw), (hp, wo))]
   p = columns[0] if kw == 1 else jnp.concatenate(columns, axis=-1)  # [b, hp, wo, kw * c]
-  rows = []
-  for i in range(kh):
-    p_i = lax.slice(p, (0, i, 0, 0), (b, i + sh * (ho - 1) + 1, wo, kw * c), (1, sh, 1, 1))
-    rows.append(
-      lax.dot_general(p_i, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=acc)
-    )
+  rows = [
+    lax.dot_general(p_i, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=acc)
+    for _, p_i in window_slices(p, (kh, 1), (sh, 1), (ho, wo))
+  ]
   return jnp.stack(rows).reshape(kh, kw, c, c_out)
 
 
