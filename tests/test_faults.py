@@ -340,6 +340,18 @@ def test_missing_checkpoints_are_one_line_errors(tmp_path):
     checkpointing.read_state(tmp_path / "nowhere")
 
 
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_step(tmp_path):
+  """Not mistaken for a deletion in progress: still listed and complete after the waits."""
+  manager = checkpointing.create_manager(tmp_path, keep=1, best_metric="eval/ema_top1")
+  checkpointing.save(manager, 3, {"w": jnp.ones((4,)), "step": jnp.asarray(3)})
+  manager.wait_until_finished()
+  manager.close()
+  (tmp_path / "checkpoints" / "3" / "state" / "_METADATA").unlink()
+  with pytest.raises(checkpointing.CheckpointError, match="Cannot read checkpoint step 3 in") as e:
+    checkpointing.read_state(tmp_path)
+  assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Preemption: the exit status (launchers and two processes: tests/test_launch.py).
 # ------------------------------------------------------------------------------------------------

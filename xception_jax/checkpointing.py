@@ -192,6 +192,7 @@ def read_state(
   directory, request = _locate(path, step)
   if isinstance(request, str) and request.isdigit():
     request = int(request)
+  failed_intact = None  # a step that failed to read although nothing was deleting it
   for attempt in range(attempts):
     chosen = _pick(directory, request, finished_steps(directory), best_metric)
     item_dir = directory / str(chosen) / "state"
@@ -202,10 +203,13 @@ def read_state(
       restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
       return restored, int(chosen)
     except Exception as e:  # pylint: disable=broad-except  (tensorstore, orbax: no common type)
-      # A trainer deleting this step removes its files before its folder leaves the listing
-      # (seen under load: state/ gone, step still listed), so both must still be there.
+      # A trainer deleting this step removes its files one by one before the folder leaves the
+      # listing, so a read can fail while the step still looks complete. Wait for a deletion in
+      # progress to finish before judging; only a step that fails twice and is still there
+      # after each wait is unreadable.
+      time.sleep(0.2 * (attempt + 1))
       still_there = chosen in finished_steps(directory) and item_dir.exists()
-      if still_there and attempt >= 1:
+      if still_there and failed_intact == chosen:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(
           f"Cannot read checkpoint step {chosen} in {directory}: {type(e).__name__}: {reason}"
@@ -216,12 +220,12 @@ def read_state(
           "keeps only its latest checkpoint_keep steps and the best); pick another with "
           f"--checkpoint=latest, best or one of {finished_steps(directory)}."
         ) from None
+      failed_intact = chosen if still_there else None
       logging.info(
         "Checkpoint step %s changed while it was read (%s); picking again.",
         chosen,
         type(e).__name__,
       )
-      time.sleep(0.2 * (attempt + 1))
   raise CheckpointError(
     f"Checkpoints in {directory} kept changing while they were read "
     f"({attempts} attempts); try again, or stop the run first."
