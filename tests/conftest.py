@@ -1,5 +1,5 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported), quiet TensorFlow logs, one
-on-disk JAX compilation cache for the session, and the host-memory settings of CPU runs
+"""Test set-up: 8 fake CPU devices and, for the CPU suite, fast-compiling XLA flags
+(tests/xla_flags.py; both before JAX starts), quiet TensorFlow logs, one on-disk JAX compilation cache for the session, and the host-memory settings of CPU runs
 (`xception_jax/host_memory.py`, before JAX starts).
 
 JAX runs on the CPU (JAX_PLATFORMS=cpu unless set), except when the marker expression selects
@@ -18,7 +18,10 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import xla_flags
+
+_CALLER_SET_XLA_FLAGS = "XLA_FLAGS" in os.environ
+os.environ.setdefault("XLA_FLAGS", f"{xla_flags.DEVICE_COUNT}=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -36,7 +39,20 @@ def pytest_configure(config):
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   if not _selects_gpu_tests(config.getoption("markexpr") or ""):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not _CALLER_SET_XLA_FLAGS:
+      os.environ["XLA_FLAGS"] = xla_flags.CPU_TEST_FLAGS
     # As the training command does on a CPU: step buffers reused, not faulted in again.
     from xception_jax import host_memory  # pylint: disable=g-import-not-at-top
 
     host_memory.keep_freed_host_memory()
+
+
+# The modules whose tests each train or start processes (40-90 s apiece on 2 cores): run first, so
+# that the workers of `-n 2` (pyproject.toml: --dist=worksteal) share them out and then fill up
+# with the many short tests, instead of one worker running test_train.py alone at the end.
+_LONG_MODULES = ("test_launch.py", "test_train.py", "test_configs.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONG_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_SH = os.path.join(REPO, "launch", "local.sh")
@@ -511,7 +512,7 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
     "--config.lr.warmup_epochs=0",
     "--config.ema.decay=0.5",
   ]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO)
   two = subprocess.Popen(
     [LOCAL_SH, "2", *args, f"--workdir={tmp_path}/two"],
@@ -524,7 +525,7 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
   one = subprocess.Popen(
     [sys.executable, "-m", "xception_jax.main", *args, f"--workdir={tmp_path}/one"],
     cwd=REPO,
-    env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    env={**env, "XLA_FLAGS": f"{env['XLA_FLAGS']} {xla_flags.DEVICE_COUNT}=2"},
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -577,7 +578,7 @@ def test_two_processes_stop_at_the_same_step_after_sigterm_to_one(tmp_path):
     "--config.checkpoint_every_steps=1000",
     f"--workdir={tmp_path}",
   ]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO, DEVICES_PER_PROCESS="1")
   job = subprocess.Popen(
     [LOCAL_SH, "2", *args],

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_flags
 
 from xception_jax.models import costs
 from xception_jax.tools import report
@@ -39,7 +40,7 @@ sweep = _load_sweep_module()
 
 def _sweep(*args, timeout=120):
   # One CPU device per run (not conftest's 8 fake ones): faster to compile on a small machine.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
   return subprocess.run(
     [sys.executable, SWEEP_PY, *args],
     capture_output=True,

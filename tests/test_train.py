@@ -28,7 +28,14 @@ def tiny_config(**overrides):
   c = quickstart.get_config("runlocal")
   c.unlock()
   c.batch_size = 16
-  c.eval_batch_size = 32
+  c.eval_batch_size = 200
+  # A staircase decay every 2 steps: the learning rate still changes along a run (what resuming
+  # must restore), and unlike the quickstart's cosine it does not depend on total_steps, so the
+  # tests of 1, 6 and 10 steps share one compiled training step (tests/conftest.py's cache).
+  c.lr.schedule = "exponential"
+  c.lr.staircase = True
+  c.lr.decay_every_samples = 32
+  c.lr.decay_rate = 0.5
   c.total_steps = 4
   c.log_every_steps = 1
   c.eval_every_steps = 100
