@@ -17,6 +17,7 @@ import pytest
 
 from xception_jax import models
 from xception_jax.models import inception_v3
+from xception_jax.models import layers
 
 
 def _abstract_variables(model, shape=(1, 299, 299, 3)):
@@ -135,3 +136,27 @@ def test_tiny_variant_init_apply_and_train_contract():
   old, new = variables["batch_stats"]["stem"], updates["batch_stats"]["stem"]
   assert jax.tree.structure(old) == jax.tree.structure(new)
   assert not np.allclose(old["branch0_0"]["bn"]["mean"], new["branch0_0"]["bn"]["mean"])
+
+
+def test_convs_and_max_pools_take_the_cpu_formulations_table(monkeypatch):
+  """Every conv and stride-2 max pool goes through `layers` (the CPU rewrites, native elsewhere).
+
+  Only traced (eval_shape): the rewrites' values and gradients against the native ops, for these
+  kernel shapes (1x1, 3x3, 5x5, 1x7, 7x1, strided, VALID), are tests/test_cpu_formulations.py's.
+  """
+  kinds = []
+  by_table = layers._by_table  # pylint: disable=protected-access
+
+  def recording(kind, *args):
+    kinds.append(kind)
+    return by_table(kind, *args)
+
+  model = models.create("inception_v3_tiny", num_classes=10)
+  images = jnp.zeros((2, 75, 75, 3))
+  variables = _abstract_variables(model, images.shape)
+  monkeypatch.setattr(layers, "_by_table", recording)
+  jax.eval_shape(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]), variables)
+  convs = [k for k in kinds if k != "max_pool"]
+  assert len(convs) == 94  # every conv2d_bn (one per BatchNorm)
+  assert {"pointwise", "regular"} == set(convs)
+  assert kinds.count("max_pool") == 4  # two in the stem, one each in mixed3 and mixed8

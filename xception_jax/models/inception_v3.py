@@ -158,7 +158,12 @@ def conv_name(branch: int, position: int, side: str = "") -> str:
 
 
 class ConvBN(nn.Module):
-  """Keras's `conv2d_bn`: Conv (no bias) -> BatchNorm (no scale, eps 1e-3) -> ReLU."""
+  """Keras's `conv2d_bn`: Conv (no bias) -> BatchNorm (no scale, eps 1e-3) -> ReLU.
+
+  The conv goes through `layers.conv_general_dilated` (and the stride-2 max pools through
+  `layers.max_pool`), so that CPU training gets the same rewrites as Xception's layers
+  (`layers.CONV_FORMULATIONS`); GPUs and TPUs run the native ops.
+  """
 
   spec: Conv
   width_multiplier: float = 1.0
@@ -174,6 +179,7 @@ class ConvBN(nn.Module):
       use_bias=False,
       dtype=self.dtype,
       kernel_init=layers.kernel_init,
+      conv_general_dilated=layers.conv_general_dilated,
       name="conv",
     )(x)
     x = layers.BatchNorm(
@@ -187,7 +193,7 @@ def pool(x: jax.Array, kind: str) -> jax.Array:
   if kind == "avg":
     # TF semantics: padded positions are not counted in the average.
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+  return layers.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
 class InceptionBlock(nn.Module):

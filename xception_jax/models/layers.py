@@ -165,8 +165,8 @@ def check_segments(segments: int, channels: int, layer: str) -> None:
 #     rewrite, `bench/gpu_run.sh inception` Xception with its depthwise or 1x1 convs forced
 #     (`conv_formulation`, the benchmark's --conv_formulation); this table gets the winner per
 #     kind with a pointer to the numbers.
-#   regular (one group, kernel larger than 1x1: the stem, the spectrum's G = 1, Inception's
-#     convs when routed here): on CPU XLA's forward pass and input gradient with the kernel
+#   regular (one group, kernel larger than 1x1: the stem, the spectrum's G = 1, Inception V3's
+#     3x3, 5x5, 1x7 and 7x1 convs): on CPU XLA's forward pass and input gradient with the kernel
 #     gradient as row products (`cpu_kernels.regular_rows`; block1_conv2's backward-filter conv
 #     350 ms -> 52 ms, BENCHMARKS.md section 7); on CUDA native (cuDNN).
 #   max_pool (not a convolution, but the same choice): on CPU the hand-written backward of
