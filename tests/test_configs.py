@@ -116,10 +116,12 @@ def test_recipes_have_the_papers_settings():
   ) == ("rmsprop_tf", 0.001, 0.9, 3_000_000, "sigmoid", (4096, 4096), "open_images_v4")
 
 
-# Inception V3's runlocal run is the suite's second slowest test (about 57 s of compiling on 2
-# cores); its training step is covered in the default run by tests/test_inception_v3.py's tiny
-# variant, so this one runs with `python -m pytest -q -m slow tests/test_configs.py`.
-_SLOW_RUNLOCAL = {"inception_v3_imagenet.py"}
+# Slow-marked runlocal runs (`python -m pytest -q -m slow tests/test_configs.py` runs them):
+# Inception V3's (about 57 s of compiling on 2 cores; its training step is covered in the default
+# run by tests/test_inception_v3.py's tiny variant) and imagenet.py's (27-45 s; the same
+# xception_tiny step as quickstart.py's with the staircase decay that tests/test_train.py's runs
+# use and dropout, which tests/test_xception.py covers; its settings are checked above).
+_SLOW_RUNLOCAL = {"inception_v3_imagenet.py", "imagenet.py"}
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ def tiny_config(**overrides):
   c.lr.staircase = True
   c.lr.decay_every_samples = 32
   c.lr.decay_rate = 0.5
+  c.model.dropout_rate = 0.5  # the ImageNet recipe's: its per-step keys are part of what's tested
   c.total_steps = 4
   c.log_every_steps = 1
   c.eval_every_steps = 100
