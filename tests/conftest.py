@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices and, for the CPU suite, fast-compiling XLA flags
-(tests/xla_flags.py; both before JAX starts), quiet TensorFlow logs, one on-disk JAX compilation cache for the session, and the host-memory settings of CPU runs
-(`xception_jax/host_memory.py`, before JAX starts).
+(tests/xla_flags.py; both before JAX starts), quiet TensorFlow logs, one on-disk JAX compilation
+cache for the session, and the host-memory settings of CPU runs (`xception_jax/host_memory.py`,
+before JAX starts).
 
 JAX runs on the CPU (JAX_PLATFORMS=cpu unless set), except when the marker expression selects
 the `gpu` tests (`python -m pytest -q -m gpu tests/gpu`): those need the machine's accelerator,

@@ -119,8 +119,8 @@ def test_recipes_have_the_papers_settings():
 # Slow-marked runlocal runs (`python -m pytest -q -m slow tests/test_configs.py` runs them):
 # Inception V3's (about 57 s of compiling on 2 cores; its training step is covered in the default
 # run by tests/test_inception_v3.py's tiny variant) and imagenet.py's (27-45 s; the same
-# xception_tiny step as quickstart.py's with the staircase decay that tests/test_train.py's runs
-# use and dropout, which tests/test_xception.py covers; its settings are checked above).
+# xception_tiny step as quickstart.py's with the staircase decay and dropout, which
+# tests/test_train.py's runs use; its settings are checked above).
 _SLOW_RUNLOCAL = {"inception_v3_imagenet.py", "imagenet.py"}
 
 

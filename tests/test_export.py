@@ -270,7 +270,7 @@ def test_export_from_8_devices_predicts_in_a_fresh_single_device_process(
   _, model, _, ema = workdir_8_devices
   paths = [str(tmp_path / f"{i}.png") for i in range(3)]
   arrays = [_png(path, (70 + 20 * i, 90, 3), seed=i) for i, path in enumerate(paths)]
-  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
+  env = xla_flags.environ_without_device_count()
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   result = subprocess.run(
     [

@@ -512,7 +512,7 @@ def test_local_sh_two_processes_match_one_process(tmp_path):
     "--config.lr.warmup_epochs=0",
     "--config.ema.decay=0.5",
   ]
-  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
+  env = xla_flags.environ_without_device_count()
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO)
   two = subprocess.Popen(
     [LOCAL_SH, "2", *args, f"--workdir={tmp_path}/two"],
@@ -578,7 +578,7 @@ def test_two_processes_stop_at_the_same_step_after_sigterm_to_one(tmp_path):
     "--config.checkpoint_every_steps=1000",
     f"--workdir={tmp_path}",
   ]
-  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
+  env = xla_flags.environ_without_device_count()
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONPATH=REPO, DEVICES_PER_PROCESS="1")
   job = subprocess.Popen(
     [LOCAL_SH, "2", *args],

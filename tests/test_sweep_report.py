@@ -40,7 +40,7 @@ sweep = _load_sweep_module()
 
 def _sweep(*args, timeout=120):
   # One CPU device per run (not conftest's 8 fake ones): faster to compile on a small machine.
-  env = {**os.environ, "XLA_FLAGS": xla_flags.without_device_count(os.environ["XLA_FLAGS"])}
+  env = xla_flags.environ_without_device_count()
   return subprocess.run(
     [sys.executable, SWEEP_PY, *args],
     capture_output=True,

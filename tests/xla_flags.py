@@ -7,15 +7,20 @@
   and the GPU tests keep XLA's default.
 
 Subprocess tests that choose their own device count keep the other flags through
-`without_device_count`.
+`environ_without_device_count`.
 """
 
 from __future__ import annotations
+
+import os
 
 DEVICE_COUNT = "--xla_force_host_platform_device_count"
 CPU_TEST_FLAGS = f"{DEVICE_COUNT}=8 --xla_backend_optimization_level=0"
 
 
-def without_device_count(flags: str) -> str:
-  """`flags` (an XLA_FLAGS value) without its fake-device count: for a process that sets its own."""
-  return " ".join(f for f in flags.split() if not f.startswith(DEVICE_COUNT + "="))
+def environ_without_device_count() -> dict[str, str]:
+  """A copy of os.environ whose XLA_FLAGS lacks the fake-device count: for a subprocess that sets
+  its own (or runs on one device) and keeps the other flags."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  kept = " ".join(f for f in flags if not f.startswith(DEVICE_COUNT + "="))
+  return {**os.environ, "XLA_FLAGS": kept}
